@@ -1,0 +1,106 @@
+"""Time one training step of Flux Matching against DSM on the same MLP.
+
+    python -m fluxbench.bench                       # B in {256, 1024, 4096}, d in {2, 64, 784}
+    python -m fluxbench.bench --batch 256 --dim 2 --repeats 30
+
+A step is: loss, backward, Adam update. Both objectives run on the same MLP
+(d -> 128 -> 128 -> d, SiLU) at one sigma. The steps are interleaved (FM, DSM, FM, ...)
+so the ratios compare like with like on a shared, noisy machine; each time is the
+median over ``repeats`` steps after ``warmup`` steps. ``benchmarks/`` (asv) reuses
+:func:`step_functions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+
+from .fields import MLPField
+from .objectives import DenoisingScoreMatching, FluxMatching
+
+__all__ = ["step_functions", "time_steps", "main"]
+
+
+def step_functions(batch: int, dim: int, *, sigma: float = 0.3, seed: int = 0) -> dict[str, Callable[[], None]]:
+    """One closure per objective that performs one full training step when called."""
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randn(batch, dim, generator=gen)
+    objectives = {
+        "flux": FluxMatching(sigma),
+        "dsm": DenoisingScoreMatching(sigma),
+        "dsm_batch": DenoisingScoreMatching(sigma, target="batch"),
+    }
+    steps = {}
+    for name, objective in objectives.items():
+        torch.manual_seed(seed)
+        model = MLPField(dim)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt, objective=objective) -> None:
+            out = objective(model, data, gen)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+
+        steps[name] = step
+    return steps
+
+
+def time_steps(steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per step for each closure, measured interleaved."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--dim", type=int, nargs="+", default=[2, 64, 784])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--sigma", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for dim in args.dim:
+        for batch in args.batch:
+            repeats = max(3, args.repeats // (4 if batch * dim > 1_000_000 else 1))
+            t = time_steps(step_functions(batch, dim, sigma=args.sigma), repeats=repeats)
+            rows.append(
+                {
+                    "d": dim,
+                    "B": batch,
+                    "flux_ms": 1e3 * t["flux"],
+                    "dsm_ms": 1e3 * t["dsm"],
+                    "dsm_batch_ms": 1e3 * t["dsm_batch"],
+                    "flux/dsm": t["flux"] / t["dsm"],
+                    "flux/dsm_batch": t["flux"] / t["dsm_batch"],
+                }
+            )
+    table = pd.DataFrame(rows)
+    print(
+        f"# one training step (loss + backward + Adam), MLP d-128-128-d, sigma={args.sigma}; "
+        f"median of interleaved steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()} {platform.processor() or ''}".rstrip()
+    )
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Samplers for generative fields (SPEC section 3).
+
+- ``langevin``: unadjusted Langevin (Euler-Maruyama of SPEC eq. (1)), chunked over particles.
+- ``ExactOU``: exact Ornstein-Uhlenbeck transitions for linear fields (SPEC sections 3, 4).
+- ``annealed_langevin``: annealed reverse-VE Euler-Maruyama with an optional
+  predictor-corrector Langevin corrector.
+- ``probability_flow`` / ``probability_flow_nll``: the VE probability-flow ODE and its
+  likelihood by the instantaneous change of variables.
+"""
+
+from .annealed import annealed_langevin
+from .langevin import langevin
+from .ode import probability_flow, probability_flow_nll
+from .ou import ExactOU
+
+__all__ = [
+    "langevin",
+    "ExactOU",
+    "annealed_langevin",
+    "probability_flow",
+    "probability_flow_nll",
+]

@@ -1,0 +1,129 @@
+"""Validation and bookkeeping shared by the samplers (private)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from .._checks import check_field_output, check_positive_int
+
+__all__ = [
+    "check_callable",
+    "check_thin",
+    "n_saved_states",
+    "check_chunk_size",
+    "check_sigma_grid",
+    "evaluate_chunked",
+    "raise_if_nonfinite",
+]
+
+
+def check_callable(fn: object, name: str) -> Callable:
+    """Check that ``fn`` is callable."""
+    if not callable(fn):
+        raise ValueError(f"{name} must be callable; got {type(fn).__name__}")
+    return fn
+
+
+def check_thin(thin: object) -> int | None:
+    """``None`` (return the end state only) or an integer >= 1."""
+    if thin is None:
+        return None
+    return check_positive_int(thin, "thin", minimum=1)
+
+
+def n_saved_states(n_steps: int, thin: int) -> int:
+    """Number of states a thinned trajectory holds: x_0, x_thin, x_{2 thin}, ... -> n_steps // thin + 1."""
+    return n_steps // thin + 1
+
+
+def check_chunk_size(chunk_size: object, n: int) -> int:
+    """``None`` (one chunk of all ``n`` points) or an integer >= 1; returns the chunk length."""
+    if chunk_size is None:
+        return n
+    return check_positive_int(chunk_size, "chunk_size", minimum=1)
+
+
+def check_sigma_grid(
+    sigmas: object,
+    name: str = "sigmas",
+    *,
+    direction: str = "decreasing",
+    allow_final_zero: bool = False,
+) -> list[float]:
+    """Validate a grid of noise levels (standard deviations) and return it as Python floats.
+
+    Args:
+        sigmas: a 1-D tensor or a sequence of numbers, at least two entries.
+        name: the argument name used in error messages.
+        direction: ``"decreasing"``, ``"increasing"`` or ``"either"`` (strictly monotone).
+        allow_final_zero: accept 0 as the last entry of a decreasing grid (every other
+            entry must be > 0).
+
+    Returns:
+        The grid as a list of floats (read once, before any loop, so the loops below make
+        no device round trips for the step sizes).
+    """
+    if isinstance(sigmas, Tensor):
+        if sigmas.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D tensor; got shape {tuple(sigmas.shape)}")
+        values = [float(v) for v in sigmas.detach().to("cpu", torch.float64).tolist()]
+    elif isinstance(sigmas, Sequence) and not isinstance(sigmas, (str, bytes)):
+        values = []
+        for i, v in enumerate(sigmas):
+            if isinstance(v, Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, bool) or not isinstance(v, Real):
+                raise ValueError(f"{name}[{i}] must be a number; got {type(v).__name__}")
+            values.append(float(v))
+    else:
+        raise ValueError(f"{name} must be a 1-D tensor or a sequence of numbers; got {type(sigmas).__name__}")
+    if len(values) < 2:
+        raise ValueError(f"{name} needs at least two noise levels; got {len(values)}")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}[{i}] = {v} is not finite")
+        last = i == len(values) - 1
+        if v > 0 or (v == 0 and allow_final_zero and last):
+            continue
+        need = "> 0 (0 is allowed only as the last entry)" if allow_final_zero else "> 0"
+        raise ValueError(f"{name}[{i}] = {v}; every noise level must be {need}")
+    diffs = [b - a for a, b in zip(values[:-1], values[1:])]
+    decreasing = all(d < 0 for d in diffs)
+    increasing = all(d > 0 for d in diffs)
+    if direction == "decreasing" and not decreasing:
+        raise ValueError(f"{name} must be strictly decreasing (sigma_1 > sigma_2 > ...); got {values}")
+    if direction == "increasing" and not increasing:
+        raise ValueError(f"{name} must be strictly increasing; got {values}")
+    if direction == "either" and not (decreasing or increasing):
+        raise ValueError(f"{name} must be strictly monotone; got {values}")
+    return values
+
+
+def evaluate_chunked(
+    field: Callable[[Tensor], Tensor], x: Tensor, out: Tensor, chunk: int, *, check: bool, name: str
+) -> Tensor:
+    """Write ``field(x)`` into ``out`` (both (N, d)), evaluating ``chunk`` rows at a time.
+
+    With ``check`` each chunk's output is validated by ``check_field_output`` (shape,
+    device, dtype, finite; this synchronises with the device, so do it once).
+    """
+    n = x.shape[0]
+    for start in range(0, n, chunk):
+        xs = x[start : start + chunk]
+        fs = field(xs)
+        if check:
+            check_field_output(fs, xs, name)
+        out[start : start + chunk] = fs
+    return out
+
+
+def raise_if_nonfinite(x: Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` if ``x`` holds NaN or inf (one device sync)."""
+    if not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{message} ({n_bad} of {x.numel()} entries are NaN or inf)")

@@ -1,0 +1,269 @@
+"""The Flux Matching loss against the reference transcription and the closed forms of SPEC section 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fluxbench import pairwise
+from fluxbench.fields import MLPField
+from fluxbench.objectives import flux_matching_loss
+from fluxbench.objectives.batch_score import batch_score
+
+from .reference_flux import reference_flux_loss
+
+F64 = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_frame(monkeypatch):
+    """One local frame: rows keep their order, so draws align with the reference."""
+    monkeypatch.setattr(pairwise, "_MIN_GROUP", 10**9)
+
+
+# ---------------------------------------------------------------- reference, draw for draw
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 6])
+@pytest.mark.parametrize("divergence", ["hutchinson", "exact"])
+def test_matches_reference_transcription(one_frame, d, divergence):
+    torch.manual_seed(d)
+    field = MLPField(d, hidden=(16, 16)).double()
+    x = torch.randn(24, d, dtype=F64)
+    for seed, t in [(0, None), (1, 0.0), (2, 0.7), (3, None)]:
+        sigma = 0.4 + 0.3 * seed
+        ours = flux_matching_loss(field, x, sigma, divergence=divergence, t=t, generator=gen(seed))
+        ref = reference_flux_loss(field, x, sigma, divergence=divergence, t=t, generator=gen(seed))
+        ref = ref.detach()
+        # at t ~ 0 the transition kernel has variance ~1e-6 sigma^2 and amplifies rounding
+        tol = (1e-6 if t == 0.0 else 1e-9) * float(ref.abs().max())
+        assert float((ours - ref).abs().max()) <= tol, (seed, float((ours - ref).abs().max()))
+
+
+def test_gradient_matches_reference(one_frame):
+    torch.manual_seed(0)
+    field = MLPField(2, hidden=(16,)).double()
+    x = torch.randn(20, 2, dtype=F64)
+    grads = []
+    for fn in (flux_matching_loss, reference_flux_loss):
+        field.zero_grad()
+        fn(field, x, 0.5, generator=gen(7)).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in field.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-8, atol=1e-10 * float(grads[1].abs().max()))
+
+
+# ---------------------------------------------------------------- closed forms (single Gaussian)
+
+SPACING = 1e4  # copies of the single-Gaussian problem, far enough apart to be independent
+
+
+def _copies(n: int, d: int) -> torch.Tensor:
+    x = torch.zeros(n, d, dtype=F64)
+    x[:, 0] = SPACING * torch.arange(n, dtype=F64)
+    return x
+
+
+def _affine(a: torch.Tensor, c: torch.Tensor):
+    """f(z) = A (z - x_k) + c around the nearest copy x_k: the field A z + c of each problem."""
+
+    def field(z):
+        local = z.clone()
+        local[:, 0] = z[:, 0] - SPACING * torch.round(z[:, 0] / SPACING)
+        return local @ a.T + c
+
+    return field
+
+
+def _closed_form(a, c, sigma, horizon=4.0, t=None):
+    d = a.shape[0]
+    ms = 0.5 * (a + a.T) + torch.eye(d, dtype=F64) / sigma**2
+    if t is not None:
+        return 4 * math.exp(-2 * t) * float((ms**2).sum()) + 2 * math.exp(-t) * float((c**2).sum()) / sigma**2
+    return 2 * (1 - math.exp(-2 * horizon)) * float((ms**2).sum()) + 2 * (1 - math.exp(-horizon)) * float(
+        (c**2).sum()
+    ) / sigma**2
+
+
+def _problem(seed: int, d: int):
+    g = gen(seed)
+    a = 0.6 * torch.randn(d, d, generator=g, dtype=F64)
+    c = torch.randn(d, generator=g, dtype=F64)
+    sigma = float(0.5 + torch.rand((), generator=g, dtype=F64))
+    return a, c, sigma
+
+
+@pytest.mark.parametrize("divergence", ["hutchinson", "exact"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_closed_form_conditional_mean(divergence, seed):
+    """E[loss | t] = 4 e^{-2t} ||M_s||^2 + 2 e^{-t} |c|^2 / sigma^2, within 4 standard errors."""
+    d = 2
+    a, c, sigma = _problem(seed, d)
+    x = _copies(512, d)
+    for t in (0.0, 0.4, 1.5):
+        losses = torch.cat(
+            [flux_matching_loss(_affine(a, c), x, sigma, t=t, divergence=divergence, generator=gen(100 * seed + k)) for k in range(4)]
+        )
+        mean, se = float(losses.mean()), float(losses.std() / math.sqrt(losses.numel()))
+        assert abs(mean - _closed_form(a, c, sigma, t=t)) < 4 * se, (t, mean, se, _closed_form(a, c, sigma, t=t))
+
+
+@pytest.mark.parametrize("divergence", ["hutchinson", "exact"])
+def test_closed_form_mean_and_gradient(divergence):
+    """E[loss] and E[grad_A], E[grad_c] against SPEC section 2, within 4 standard errors.
+
+    One t is shared by a batch, so the standard error is taken over batch means.
+    """
+    d = 3
+    a, c, sigma = _problem(5, d)
+    x = _copies(128, d)
+    ms = 0.5 * (a + a.T) + torch.eye(d, dtype=F64) / sigma**2
+    h = 4.0
+    means, grad_a, grad_c = [], [], []
+    for k in range(80):
+        a_p = a.clone().requires_grad_(True)
+        c_p = c.clone().requires_grad_(True)
+        loss = flux_matching_loss(_affine(a_p, c_p), x, sigma, divergence=divergence, generator=gen(k)).mean()
+        ga, gc = torch.autograd.grad(loss, (a_p, c_p))
+        means.append(float(loss))
+        grad_a.append(ga)
+        grad_c.append(gc)
+    means_t = torch.tensor(means, dtype=F64)
+    n = len(means)
+    assert abs(float(means_t.mean()) - _closed_form(a, c, sigma, h)) < 4 * float(means_t.std()) / math.sqrt(n)
+    ga_t, gc_t = torch.stack(grad_a), torch.stack(grad_c)
+    expect_a = 2 * (1 - math.exp(-2 * h)) * ms
+    expect_c = 2 * (1 - math.exp(-h)) * c / sigma**2
+    assert ((ga_t.mean(0) - expect_a).abs() < 4 * ga_t.std(0) / math.sqrt(n) + 1e-12).all()
+    assert ((gc_t.mean(0) - expect_c).abs() < 4 * gc_t.std(0) / math.sqrt(n) + 1e-12).all()
+
+
+def test_score_field_gives_zero_loss_draw_by_draw():
+    """f = s: exactly 0 at B = 1 (u = 0 bit for bit); at B > 1 zero to float64 rounding."""
+    sigma = 0.7
+    x1 = torch.zeros(1, 2, dtype=F64)
+    for k in range(20):
+        loss = flux_matching_loss(lambda z: -z / sigma**2, x1, sigma, generator=gen(k))
+        assert float(loss.abs().max()) == 0.0
+    x = torch.randn(32, 2, dtype=F64, generator=gen(1))
+    rng = gen(2)
+    for _ in range(5):
+        loss = flux_matching_loss(lambda z: batch_score(z, x, sigma), x, sigma, generator=rng)
+        assert float(loss.abs().max()) < 1e-8
+
+
+def test_rotational_field_has_zero_mean_and_symmetric_error_positive():
+    """(I + Q) s: mean loss 0 within 4 SE; (I + S) s with S symmetric: mean > 4 SE above 0."""
+    d = 2
+    sigma = 0.8
+    q = torch.tensor([[0.0, 1.5], [-1.5, 0.0]], dtype=F64)
+    sym = torch.tensor([[0.9, 0.3], [0.3, -0.6]], dtype=F64)
+    x = _copies(64, d)
+    for mat, expect_zero in ((q, True), (sym, False)):
+        def field(z, mat=mat):
+            local = z.clone()
+            local[:, 0] = z[:, 0] - SPACING * torch.round(z[:, 0] / SPACING)
+            s = -local / sigma**2
+            return s + s @ mat.T
+
+        batch_means = torch.tensor([float(flux_matching_loss(field, x, sigma, generator=gen(k)).mean()) for k in range(120)])
+        mean, se = float(batch_means.mean()), float(batch_means.std() / math.sqrt(len(batch_means)))
+        if expect_zero:
+            assert abs(mean) < 4 * se
+        else:
+            assert mean > 4 * se
+            # f = -(I + S) z / sigma^2 is affine with M_s = -S / sigma^2
+            assert abs(mean - _closed_form(-(torch.eye(d, dtype=F64) + mat) / sigma**2, torch.zeros(d, dtype=F64), sigma)) < 4 * se
+
+
+# ---------------------------------------------------------------- hazards
+
+
+def test_t_zero_is_finite():
+    field = MLPField(2)
+    x = torch.randn(64, 2)
+    loss = flux_matching_loss(field, x, 0.3, t=0.0, generator=gen(0))
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (F64, 1e-12)])
+@pytest.mark.parametrize("d", [2, 8])
+def test_chunked_equals_unchunked(dtype, tol, d):
+    torch.manual_seed(0)
+    field = MLPField(d).to(dtype)
+    x = torch.randn(300, d, dtype=dtype)
+    full = flux_matching_loss(field, x, 0.5, generator=gen(3))
+    chunked = flux_matching_loss(field, x, 0.5, generator=gen(3), chunk_size=17)
+    assert float((full - chunked).abs().max()) <= tol * float(full.abs().max())
+
+
+def test_same_seed_same_bits():
+    field = MLPField(2)
+    x = torch.randn(100, 2, generator=gen(0))
+    a = flux_matching_loss(field, x, 0.3, generator=gen(5))
+    b = flux_matching_loss(field, x, 0.3, generator=gen(5))
+    c = flux_matching_loss(field, x, 0.3, generator=gen(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_batch_size_not_power_of_two():
+    """Padding rows (B not a multiple of the frame count) never leak into the result."""
+    torch.manual_seed(1)
+    field = MLPField(2, hidden=(16,)).double()
+    x = torch.randn(203, 2, dtype=F64)
+    loss = flux_matching_loss(field, x, 0.5, generator=gen(0))
+    assert loss.shape == (203,) and torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(x=torch.randn(5)), r"shape \(N, d\)"),
+        (dict(x=torch.randn(0, 2)), "empty batch"),
+        (dict(x=torch.tensor([[0.0, float("nan")]])), "NaN"),
+        (dict(x=torch.tensor([[0.0, float("inf")]])), "inf"),
+        (dict(sigma=0.0), "sigma"),
+        (dict(sigma=-1.0), "sigma"),
+        (dict(sigma=float("nan")), "sigma"),
+        (dict(sigma=torch.tensor([0.1, 0.2, 0.1, 0.1])), "distinct"),
+        (dict(horizon=0.0), "horizon"),
+        (dict(substeps=0), "substeps"),
+        (dict(divergence="bogus"), "divergence"),
+        (dict(field=lambda z: z[:, :1]), "shape"),
+        (dict(field=lambda z: z.double()), "dtype"),
+        (dict(field=lambda z: z * float("nan")), "NaN"),
+        (dict(field=lambda z: z.to("meta")), "device"),
+    ],
+)
+def test_bad_input_raises_named_error(kwargs, match):
+    args = dict(field=lambda z: -z, x=torch.randn(4, 2), sigma=0.5)
+    args.update(kwargs)
+    field, x, sigma = args.pop("field"), args.pop("x"), args.pop("sigma")
+    with pytest.raises(ValueError, match=match):
+        flux_matching_loss(field, x, sigma, **args)
+
+
+def test_equal_sigma_vector_is_accepted():
+    x = torch.randn(4, 2)
+    a = flux_matching_loss(lambda z: -z, x, torch.full((4,), 0.5), generator=gen(0))
+    b = flux_matching_loss(lambda z: -z, x, 0.5, generator=gen(0))
+    assert torch.equal(a, b)
+
+
+def test_float32_under_bf16_autocast_keeps_pairwise_in_fp32():
+    torch.manual_seed(0)
+    field = MLPField(2)
+    x = torch.randn(128, 2)
+    plain = flux_matching_loss(field, x, 0.3, generator=gen(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = flux_matching_loss(lambda z: field(z).float(), x, 0.3, generator=gen(1))
+    # the field itself runs in bf16 under autocast; the pairwise part must not, so the two
+    # agree to the field's bf16 error, not to the O(1) error of a bf16 softmax
+    rel = float((plain - auto).abs().mean() / plain.abs().mean())
+    assert rel < 0.1
