@@ -127,7 +127,9 @@ def mmd_permutation_test(
 
     which is valid at every level: P(p <= alpha) <= alpha under H0 (Phipson and Smyth,
     "Permutation p-values should never be zero", 2010); the smallest attainable p is
-    1 / (1 + n_permutations). The lengthscale (median heuristic on the pooled sample when
+    1 / (1 + n_permutations). Permuted statistics within round-off of the observed one
+    (100 ulps of the working dtype times the mean kernel value) count as ties (>=), so
+    exact ties such as the x <-> y swap when N = M never make the test anti-conservative. The lengthscale (median heuristic on the pooled sample when
     None) is fixed before permuting and is a function of the pooled sample only.
 
     Every statistic is a quadratic form in the label indicator e (e_i = 1 for points
@@ -192,6 +194,9 @@ def mmd_permutation_test(
         syy = t - 2.0 * rx + sxx
         stats = sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m)
         observed = stats[0]
-        exceed = int((stats[1:] >= observed).sum())
+        # relabellings with the same statistic (e.g. x <-> y swapped when N = M) must count
+        # as ties despite round-off: allow 100 ulps of the working dtype at the kernel scale
+        tie_tol = 100 * torch.finfo(z.dtype).eps * float(t.abs()) / (total * (total - 1))
+        exceed = int((stats[1:] >= observed - tie_tol).sum())
     p_value = (1 + exceed) / (1 + n_permutations)
     return MMDTestResult(statistic=observed.to(z.dtype), p_value=p_value)

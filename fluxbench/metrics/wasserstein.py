@@ -60,7 +60,9 @@ def w2(
     ``W2(mu, nu) = ( min_{P in U(a, b)} sum_ij P_ij |x_i - y_j|^2 )^{1/2}`` with
     ``mu = sum_i a_i delta_{x_i}``, ``nu = sum_j b_j delta_{y_j}`` and U(a, b) the
     couplings with marginals a and b (SPEC sections 5 and 6). Solved exactly by POT's
-    network simplex ``ot.emd2`` on the squared Euclidean cost ``ot.dist(x, y)``. POT's
+    network simplex ``ot.emd2`` on the squared Euclidean cost
+    ``ot.dist(x, y, metric="sqeuclidean", backend="scipy")`` (coordinate differences, so
+    coincident points cost exactly 0). POT's
     exact solver runs on the CPU, so the inputs are copied to CPU float64 (whatever their
     device and dtype) and the result is a Python float; not differentiable. Cost: a dense
     N x M float64 matrix and a super-quadratic solve, hence the ``max_pairs`` cap.
@@ -97,10 +99,9 @@ def w2(
     wb = _weights(b, m, "b")
     xs = x.detach().to(device="cpu", dtype=torch.float64).numpy()
     ys = y.detach().to(device="cpu", dtype=torch.float64).numpy()
-    # distances are translation invariant; centring keeps the |x|^2 + |y|^2 - 2 x.y expansion accurate
-    centre = xs.mean(axis=0, keepdims=True)
-    cost = ot.dist(xs - centre, ys - centre, metric="sqeuclidean")
-    np.maximum(cost, 0.0, out=cost)
+    # scipy's cdist sums squared coordinate differences: exact zeros for coincident points
+    # (the |x|^2 + |y|^2 - 2 x.y expansion leaves ~1e-16 |x|^2, i.e. W2(x, x) ~ 1e-8)
+    cost = ot.dist(xs, ys, metric="sqeuclidean", backend="scipy")
     empty = np.empty(0, dtype=np.float64)
     value, log = ot.emd2(
         empty if wa is None else wa,

@@ -1,4 +1,4 @@
-"""The batch score of the smoothed empirical measure and the derivatives Flux Matching needs.
+"""The batch score of the smoothed empirical measure, and the pairwise work Flux Matching does with it.
 
 For a batch x_1..x_B and one noise level sigma, p_hat(z) = (1/B) sum_j N(z; x_j, sigma^2 I)
 has posterior weights w_j(z) = softmax_j(-|z - x_j|^2 / (2 sigma^2)) and (SPEC eq. (5))
@@ -12,6 +12,18 @@ B x B softmax (the double backward that dominates the published code's cost):
     d/dz E_w[phi(x)] = Cov_w(phi(x), x) / sigma^2
     grad_z eps^T C eps = E_w[ (eps.(x - m))^2 (x - m) ] / sigma^2              (third central moment)
     grad_z tr C        = E_w[ |x - m|^2 (x - m) ] / sigma^2
+
+A :class:`BatchKernel` holds one batch at one sigma and performs the three kinds of
+pairwise sums the loss needs (posterior means, the moments above, and the transition
+sums of SPEC step 6). Two interchangeable implementations:
+
+* :class:`DenseBatchKernel`: materialised blocks with distances in difference form. Exact
+  to rounding and fastest for small batches.
+* :class:`FusedBatchKernel`: fused attention kernels in local frames
+  (``fluxbench.pairwise``); nothing B x B is stored. For large batches.
+
+Both work on rows in a *working order* (``kernel.rows`` / ``kernel.restore``): the fused
+kernel sorts rows into spatial frames.
 """
 
 from __future__ import annotations
@@ -21,13 +33,30 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ..pairwise import Frames, KeyFrame, compute_dtype, kernel_mean
+from ..pairwise import (
+    Frames,
+    KeyFrame,
+    compute_dtype,
+    kernel_logsumexp,
+    kernel_mean,
+    kernel_transpose_sum,
+)
 
-__all__ = ["batch_score", "score_terms", "MOMENT_MAX_DIM"]
+__all__ = [
+    "batch_score",
+    "BatchKernel",
+    "DenseBatchKernel",
+    "FusedBatchKernel",
+    "make_batch_kernel",
+    "MOMENT_MAX_DIM",
+    "DENSE_MAX_BATCH",
+]
 
-# Up to this dimension the moments come from one fused attention call with polynomial
-# features (1 + d + d(d+1)/2 + d(d+1)(d+2)/6 columns); above it from dense blocks.
+# Up to this dimension the fused kernel takes the moments from one attention call with
+# polynomial features (d + d(d+1)/2 + d(d+1)(d+2)/6 columns); above it from dense blocks.
 MOMENT_MAX_DIM = 4
+# backend="auto" materialises B x B blocks up to this batch size.
+DENSE_MAX_BATCH = 512
 
 
 def batch_score(z: Tensor, x: Tensor, sigma: float, *, chunk_size: int | None = None) -> Tensor:
@@ -37,7 +66,7 @@ def batch_score(z: Tensor, x: Tensor, sigma: float, *, chunk_size: int | None = 
         z: (N, d) query points.
         x: (B, d) the batch (centres of p_hat).
         sigma: the smoothing standard deviation (> 0).
-        chunk_size: at most this many queries per fused call.
+        chunk_size: at most this many queries per pairwise block.
 
     Returns:
         (N, d) s_hat(z) = (m(z) - z) / sigma^2 in the compute dtype (>= float32).
@@ -47,154 +76,272 @@ def batch_score(z: Tensor, x: Tensor, sigma: float, *, chunk_size: int | None = 
     return (m - z.to(m.dtype)) / var
 
 
+def _gradient_terms(s: Tensor, f: Tensor, cw: Tensor, third: Tensor, var: float) -> Tensor:
+    """g_s = J_s (f - 2 s) - grad D_s from C (f - 2 s) and the contracted third moment."""
+    return (cw / var - (f - 2 * s)) / var - third / var**3
+
+
+class BatchKernel:
+    """One batch x (B, d) at one noise level: the pairwise sums of the Flux Matching loss.
+
+    Rows handed to the methods are in the kernel's working order: ``rows(t)`` converts an
+    (B, ...) tensor to it (possibly permuted and padded to P >= B rows), ``restore``
+    converts back.
+    """
+
+    x: Tensor
+    var: float
+    dtype: torch.dtype
+
+    def rows(self, t: Tensor) -> Tensor:
+        return t
+
+    def restore(self, t: Tensor) -> Tensor:
+        return t
+
+    def keys(self, t: Tensor) -> Tensor:
+        """Working-order rows that are real batch members (not padding), to use as keys."""
+        return t
+
+    def mean(self, z: Tensor) -> Tensor:
+        """Posterior mean m(z) of SPEC eq. (5), (P, d)."""
+        raise NotImplementedError
+
+    def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
+        """s_hat(y) and g_s = grad of the batch-score part of the defect estimate.
+
+        The defect estimate of SPEC section 2, step 3, splits as
+        r_hat = [eps^T J_f eps + f . s_hat] + [- D_s - |s_hat|^2], D_s = eps^T J_s eps
+        (Hutchinson, ``probe`` = eps) or tr J_s (``probe=None``). This returns s_hat(y) and
+        the exact gradient of everything besides the field's own derivatives,
+
+            g_s = J_s (f - 2 s_hat) - grad D_s
+
+        (J_s f from the product rule on f . s_hat). The caller adds
+        grad_z [eps^T J_f eps + f . stopgrad(s_hat)] from autograd on f.
+
+        Args:
+            y: (P, d) points; f: (P, d) the field there (detached); probe: (P, d) or None.
+
+        Returns:
+            (s_hat (P, d), g_s (P, d)) in the compute dtype.
+        """
+        raise NotImplementedError
+
+    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor) -> Tensor:
+        """g_hat_i = sum_j W_ij g_j, W_ij = softmax over i of -|mu_i - y_j|^2 / (2 v) (SPEC step 5-6).
+
+        Args:
+            mu: (P, d) transition means; y: (P, d) chain end points; v: kernel
+                variance; g: (P, d).
+
+        Returns:
+            (P, d).
+        """
+        raise NotImplementedError
+
+
+class DenseBatchKernel(BatchKernel):
+    """Materialised blocks of at most ``chunk_size`` rows, distances in difference form."""
+
+    def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
+        self.dtype = compute_dtype(x)
+        self.var = sigma * sigma
+        self.centre = x.to(self.dtype).mean(0)
+        self.x = x.to(self.dtype) - self.centre  # centred once: products below stay small
+        self.chunk = chunk_size or max(1, (1 << 20) // max(1, x.shape[0]))
+
+    def _weights(self, z: Tensor) -> Tensor:
+        d2 = torch.cdist(z, self.x, compute_mode="donot_use_mm_for_euclid_dist").square_()
+        return torch.softmax(d2.mul_(-0.5 / self.var), dim=1)
+
+    def _blocks(self, n: int):
+        for start in range(0, n, self.chunk):
+            yield slice(start, min(start + self.chunk, n))
+
+    def mean(self, z: Tensor) -> Tensor:
+        z = z.to(self.dtype) - self.centre
+        return torch.cat([self._weights(z[b]) @ self.x for b in self._blocks(z.shape[0])]) + self.centre
+
+    def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
+        y = y.to(self.dtype) - self.centre
+        f = f.to(self.dtype)
+        eps = None if probe is None else probe.to(self.dtype)
+        x, var = self.x, self.var
+        s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
+        for b in self._blocks(y.shape[0]):
+            w = self._weights(y[b])
+            m = w @ x
+            s[b] = (m - y[b]) / var
+            v = f[b] - 2 * s[b]
+            # a_ij = v_i . (x_j - m_i): C v = sum_j w_ij a_ij (x_j - m_i)
+            wa = w * (v @ x.T - (v * m).sum(1, keepdim=True))
+            cw[b] = wa @ x - wa.sum(1, keepdim=True) * m
+            if eps is None:
+                c = torch.cdist(m, x, compute_mode="donot_use_mm_for_euclid_dist").square_()
+            else:
+                c = (eps[b] @ x.T - (eps[b] * m).sum(1, keepdim=True)).square_()
+            wc = w * c
+            third[b] = wc @ x - wc.sum(1, keepdim=True) * m
+        return s, _gradient_terms(s, f, cw, third, var)
+
+    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor) -> Tensor:
+        mu = mu.to(self.dtype)
+        y = y.to(self.dtype)
+        g = g.to(self.dtype)
+        out = torch.zeros_like(mu)
+        for b in self._blocks(y.shape[0]):
+            d2 = torch.cdist(mu, y[b], compute_mode="donot_use_mm_for_euclid_dist").square_()
+            out += torch.softmax(d2.mul_(-0.5 / v), dim=0) @ g[b]
+        return out
+
+
 @lru_cache(maxsize=None)
-def _monomials(d: int, device_type: str) -> tuple[Tensor, Tensor]:
-    """Index maps from full second/third moment tensors to the unique monomials."""
-    quad = [(a, b) for a in range(d) for b in range(a, d)]
-    cub = [(a, b, c) for a in range(d) for b in range(a, d) for c in range(b, d)]
-    q_index = torch.empty(d, d, dtype=torch.long)
-    for k, (a, b) in enumerate(quad):
-        q_index[a, b] = q_index[b, a] = k
-    c_index = torch.empty(d, d, d, dtype=torch.long)
-    for k, (a, b, c) in enumerate(cub):
-        for p in {(a, b, c), (a, c, b), (b, a, c), (b, c, a), (c, a, b), (c, b, a)}:
-            c_index[p] = k
-    return q_index, c_index
-
-
-def _features(k: Tensor) -> Tensor:
-    """Monomials of local coordinates up to degree 3: (..., d) -> (..., d + d2 + d3).
-
-    Order: k_a; k_a k_b (a <= b, row-major); k_a k_b k_c (a <= b <= c, row-major),
-    matching the index maps of :func:`_monomials`.
-    """
-    d = k.shape[-1]
+def _monomial_maps(d: int) -> tuple[tuple[int, ...], ...]:
+    """Index lists for the degree-2 and degree-3 monomials and for rebuilding full tensors."""
     pairs = [(a, b) for a in range(d) for b in range(a, d)]
-    rows = torch.tensor([a for a, _ in pairs], device=k.device)
-    cols = torch.tensor([b for _, b in pairs], device=k.device)
-    quad = k[..., rows] * k[..., cols]
-    cub = [quad[..., j : j + 1] * k[..., b:] for j, (_, b) in enumerate(pairs)]
-    return torch.cat([k, quad, *cub], dim=-1)
-
-
-def _central_moments(y: Tensor, keys: Tensor | KeyFrame, var: float, chunk_size: int | None):
-    """(m, C, T3): posterior mean (N, d), covariance (N, d, d), third central moment (N, d, d, d)."""
-    d = y.shape[1]
-    feats, frame = kernel_mean(y, keys, var, features=_features, chunk_size=chunk_size)
-    q_index, c_index = _monomials(d, y.device.type)
-    n_q = d * (d + 1) // 2
-    mu = feats[:, :d]
-    m2 = feats[:, d : d + n_q][:, q_index.to(y.device)]
-    m3 = feats[:, d + n_q :][:, c_index.to(y.device)]
-    cov = m2 - mu[:, :, None] * mu[:, None, :]
-    t3 = (
-        m3
-        - m2[:, :, :, None] * mu[:, None, None, :]
-        - m2[:, :, None, :] * mu[:, None, :, None]
-        - m2[:, None, :, :] * mu[:, :, None, None]
-        + 2 * mu[:, :, None, None] * mu[:, None, :, None] * mu[:, None, None, :]
+    triples = [(a, b, c) for a in range(d) for b in range(a, d) for c in range(b, d)]
+    pair_of = {p: k for k, p in enumerate(pairs)}
+    triple_of = {t: k for k, t in enumerate(triples)}
+    q_full = [pair_of[tuple(sorted((a, b)))] for a in range(d) for b in range(d)]
+    c_full = [triple_of[tuple(sorted((a, b, c)))] for a in range(d) for b in range(d) for c in range(d)]
+    return (
+        tuple(a for a, _ in pairs),
+        tuple(b for _, b in pairs),
+        tuple(pair_of[(a, b)] for a, b, _ in triples),
+        tuple(c for _, _, c in triples),
+        tuple(q_full),
+        tuple(c_full),
     )
-    return frame + mu, cov, t3
 
 
-def score_terms(
-    y: Tensor,
-    x: Tensor,
-    sigma: float,
-    f_y: Tensor,
-    probe: Tensor | None,
-    *,
-    keys: KeyFrame | None = None,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The batch score at y and the gradient of the score part of the defect estimate.
+class _Monomials:
+    """Monomials of local coordinates up to degree 3 and the central moments they give."""
 
-    The defect estimate of SPEC section 2, step 3, splits as
-    r_hat = [eps^T J_f eps + f.s_hat] + [- D_s - |s_hat|^2] with D_s = eps^T J_s eps
-    (Hutchinson) or tr J_s (exact). This returns s_hat(y) and the exact gradient of
-    everything r_hat contains besides the field's own derivatives:
+    def __init__(self, d: int, device: torch.device):
+        maps = [torch.tensor(m, dtype=torch.long, device=device) for m in _monomial_maps(d)]
+        self.d = d
+        self.qa, self.qb, self.cq, self.cc, self.q_full, self.c_full = maps
+        self.n_quad = self.qa.numel()
 
-        g_s = J_s (f - 2 s_hat) - grad D_s
+    def features(self, k: Tensor) -> Tensor:
+        """(..., d) -> (..., d + d2 + d3): k_a; k_a k_b (a <= b); k_a k_b k_c (a <= b <= c)."""
+        quad = k[..., self.qa] * k[..., self.qb]
+        return torch.cat([k, quad, quad[..., self.cq] * k[..., self.cc]], dim=-1)
 
-    (the J_s f term comes from the product rule on f.s_hat). The caller adds
-    grad_z[eps^T J_f eps + f . stopgrad(s_hat)] from autograd on f.
+    def central(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Feature means (P, k) -> (mu (P, d), M2 (P, d, d), C (P, d, d), M3 (P, d, d, d)) raw/central."""
+        d, n = self.d, feats.shape[0]
+        mu = feats[:, :d]
+        m2 = feats[:, d : d + self.n_quad][:, self.q_full].view(n, d, d)
+        m3 = feats[:, d + self.n_quad :][:, self.c_full].view(n, d, d, d)
+        cov = m2 - mu[:, :, None] * mu[:, None, :]
+        return mu, m2, cov, m3
 
-    Args:
-        y: (N, d) points (x_t in the loss).
-        x: (B, d) the batch.
-        sigma: smoothing standard deviation.
-        f_y: (N, d) the field at y (detached).
-        probe: (N, d) Rademacher probe eps for Hutchinson, or None for the exact trace.
-        keys: optional :class:`fluxbench.pairwise.KeyFrame` of x; y, f_y and probe are
-            then in its frame order and so is the result.
-        chunk_size: at most this many queries per fused pairwise call.
 
-    Returns:
-        (s_hat (N, d), g_s (N, d)) in the compute dtype.
-    """
-    var = sigma * sigma
-    dtype = compute_dtype(y, x, f_y)
-    adhoc = keys is None
-    if adhoc:
-        frames = Frames(y, n_keys=x.shape[0], width=pairwise_width(y.shape[1]))
-        keys = KeyFrame(frames, x, var, dtype)
-        y, f_y = frames.permute(y), frames.permute(f_y)
-        probe = None if probe is None else frames.permute(probe)
-    y = y.to(dtype)
-    f = f_y.to(dtype)
-    eps = None if probe is None else probe.to(dtype)
-    if y.shape[1] <= MOMENT_MAX_DIM:
-        m, cov, t3 = _central_moments(y, keys, var, chunk_size)
-        s = (m - y) / var
+class FusedBatchKernel(BatchKernel):
+    """Fused attention kernels in local frames (``fluxbench.pairwise``); nothing B x B is stored."""
+
+    def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
+        b, d = x.shape
+        self.dtype = compute_dtype(x)
+        self.var = sigma * sigma
+        self.chunk = chunk_size
+        xc = x.to(self.dtype)
+        # one grouping of the batch serves every pass: anchors, chain states and
+        # transition means stay near their own data point
+        width = d + d * (d + 1) // 2 + d * (d + 1) * (d + 2) // 6 if d <= MOMENT_MAX_DIM else d + 1
+        self.frames = Frames(xc, n_keys=b, width=width)
+        self.x_keys = KeyFrame(self.frames, xc, self.var, self.dtype)
+        self.x = xc
+        self.monomials = _Monomials(d, x.device) if d <= MOMENT_MAX_DIM else None
+
+    def rows(self, t: Tensor) -> Tensor:
+        return self.frames.permute(t)
+
+    def restore(self, t: Tensor) -> Tensor:
+        return self.frames.unpermute(t)
+
+    def keys(self, t: Tensor) -> Tensor:
+        return self.frames.real(t)
+
+    def mean(self, z: Tensor) -> Tensor:
+        return kernel_mean(z, self.x_keys, self.var, chunk_size=self.chunk)
+
+    def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
+        y = y.to(self.dtype)
+        f = f.to(self.dtype)
+        eps = None if probe is None else probe.to(self.dtype)
+        if self.monomials is None:
+            s, cw, third = self._frame_blocks(y, f, eps)
+            return s, _gradient_terms(s, f, cw, third, self.var)
+        feats, centre = kernel_mean(y, self.x_keys, self.var, features=self.monomials.features, chunk_size=self.chunk)
+        mu, m2, cov, m3 = self.monomials.central(feats)
+        s = (centre + mu - y) / self.var
         w = f - 2 * s
         cw = torch.einsum("nij,nj->ni", cov, w)
+        # contracted third central moment T3_abc = M3_abc - (M2 x mu)_sym3 + 2 mu_a mu_b mu_c
         if eps is None:
-            third = torch.einsum("niik->nk", t3)
+            tr = m2.diagonal(dim1=1, dim2=2).sum(1, keepdim=True)
+            third = (
+                torch.einsum("niik->nk", m3)
+                - tr * mu
+                - 2 * torch.einsum("nik,ni->nk", m2, mu)
+                + 2 * (mu * mu).sum(1, keepdim=True) * mu
+            )
         else:
-            third = torch.einsum("nijk,ni,nj->nk", t3, eps, eps)
-    else:
-        s, cw, third = _dense_terms(y, x.to(dtype), var, f, eps, keys.frames)
-    g_s = (cw / var - (f - 2 * s)) / var - third / var**3
-    if adhoc:
-        return keys.frames.unpermute(s), keys.frames.unpermute(g_s)
-    return s, g_s
+            m2e = torch.einsum("nab,nb->na", m2, eps)
+            e_mu = (eps * mu).sum(1, keepdim=True)
+            third = (
+                torch.einsum("nabc,na,nb->nc", m3, eps, eps)
+                - (eps * m2e).sum(1, keepdim=True) * mu
+                - 2 * e_mu * m2e
+                + 2 * e_mu * e_mu * mu
+            )
+        return s, _gradient_terms(s, f, cw, third, self.var)
+
+    def _frame_blocks(self, y: Tensor, f: Tensor, eps: Tensor | None):
+        """The moments as materialised blocks, one per local frame (large d)."""
+        frames, var = self.frames, self.var
+        s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
+        for gi in range(frames.n_groups):
+            rows = slice(gi * frames.size, (gi + 1) * frames.size)
+            xc = self.x_keys.k[gi]  # keys in this frame's coordinates
+            yc = y[rows] - frames.centres[gi].to(y.dtype)
+            logits = (yc.square().sum(1, keepdim=True) - 2 * yc @ xc.T).mul_(-0.5 / var).add_(self.x_keys.bias[gi])
+            w = torch.softmax(logits, dim=1)
+            m = w @ xc
+            s[rows] = (m - yc) / var
+            v = f[rows] - 2 * s[rows]
+            wa = w * (v @ xc.T - (v * m).sum(1, keepdim=True))
+            cw[rows] = wa @ xc - wa.sum(1, keepdim=True) * m
+            if eps is None:
+                c = (m.square().sum(1, keepdim=True) + xc.square().sum(1) - 2 * m @ xc.T).clamp_min_(0)
+            else:
+                c = (eps[rows] @ xc.T - (eps[rows] * m).sum(1, keepdim=True)).square_()
+            wc = w * c
+            third[rows] = wc @ xc - wc.sum(1, keepdim=True) * m
+        return s, cw, third
+
+    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor) -> Tensor:
+        own = self.frames.own_index()
+        logz = kernel_logsumexp(y, self.keys(mu), v, own, frames=self.frames, chunk_size=self.chunk)
+        return kernel_transpose_sum(
+            mu, self.keys(y), v, self.keys(logz), self.keys(g), frames=self.frames, chunk_size=self.chunk
+        )
 
 
-def pairwise_width(d: int) -> int:
-    """Per-key width of the widest pass: the moment features for small d."""
-    if d <= MOMENT_MAX_DIM:
-        return d + d * (d + 1) // 2 + d * (d + 1) * (d + 2) // 6
-    return d + 1
+def make_batch_kernel(x: Tensor, sigma: float, *, backend: str = "auto", chunk_size: int | None = None) -> BatchKernel:
+    """The pairwise backend for one batch: ``"dense"``, ``"fused"``, or ``"auto"``.
 
-
-def _dense_terms(y: Tensor, x: Tensor, var: float, f: Tensor, eps: Tensor | None, frames: Frames):
-    """Materialised-block version of the moments in :func:`score_terms`, for large d.
-
-    One block per local frame (so the result does not depend on any chunk size), in
-    coordinates centred on the frame.
+    ``"auto"`` picks dense blocks for B <= ``DENSE_MAX_BATCH`` (per-call overheads dominate
+    there) and fused kernels above. Both compute the same sums; they differ in rounding
+    (dense uses difference-form distances and is the more accurate in float32).
     """
-    s = torch.empty_like(y)
-    cw = torch.empty_like(y)
-    third = torch.empty_like(y)
-    size = frames.size
-    for gi in range(frames.n_groups):
-        rows = slice(gi * size, (gi + 1) * size)
-        centre = frames.centres[gi].to(y.dtype)
-        xc = x - centre
-        yc = y[rows] - centre
-        d2 = (yc.square().sum(1, keepdim=True) + xc.square().sum(1) - 2 * yc @ xc.T).clamp_min_(0)
-        w = torch.softmax(d2.mul_(-0.5 / var), dim=1)
-        m = w @ xc
-        s[rows] = (m - yc) / var
-        v = f[rows] - 2 * s[rows]
-        # a_ij = v_i . (x_j - m_i): C v = sum_j w_ij a_ij (x_j - m_i)
-        a = v @ xc.T - (v * m).sum(1, keepdim=True)
-        wa = w * a
-        cw[rows] = wa @ xc - wa.sum(1, keepdim=True) * m
-        if eps is None:
-            b = (m.square().sum(1, keepdim=True) + xc.square().sum(1) - 2 * m @ xc.T).clamp_min_(0)
-        else:
-            b = (eps[rows] @ xc.T - (eps[rows] * m).sum(1, keepdim=True)).square()
-        wb = w * b
-        third[rows] = wb @ xc - wb.sum(1, keepdim=True) * m
-    return s, cw, third
+    if backend == "auto":
+        backend = "dense" if x.shape[0] <= DENSE_MAX_BATCH else "fused"
+    if backend == "dense":
+        return DenseBatchKernel(x, sigma, chunk_size=chunk_size)
+    if backend == "fused":
+        return FusedBatchKernel(x, sigma, chunk_size=chunk_size)
+    raise ValueError(f"backend must be 'auto', 'dense' or 'fused'; got {backend!r}")

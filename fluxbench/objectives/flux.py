@@ -46,8 +46,8 @@ from .._checks import (
     check_sigma,
 )
 from .._random import normal, rademacher, uniform
-from ..pairwise import Frames, KeyFrame, compute_dtype, kernel_logsumexp, kernel_mean, kernel_transpose_sum
-from .batch_score import pairwise_width, score_terms
+from ..pairwise import compute_dtype
+from .batch_score import BatchKernel, make_batch_kernel
 
 __all__ = ["flux_matching_loss", "FluxLossInfo", "T_MIN"]
 
@@ -90,6 +90,7 @@ def flux_matching_loss(
     divergence: str = "hutchinson",
     t: float | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
     generator: torch.Generator | None = None,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, FluxLossInfo]:
@@ -111,10 +112,13 @@ def flux_matching_loss(
         divergence: ``"hutchinson"`` (one Rademacher probe per sample, SPEC step 3) or
             ``"exact"`` (d reverse passes; for small d).
         t: evaluate at this fixed time with importance weight 1 instead of sampling,
-            giving the conditional integrand: E[loss | t] = 2 rho(t) <r, P_t r>-type term
+            giving the integrand of SPEC eq. (7): E[loss | t] = 2 <r, P_t r>_{p_hat}
             (for a single Gaussian 4 e^{-2t} ||M_s||^2 + 2 e^{-t} |c|^2 / sigma^2).
-        chunk_size: at most this many queries per fused pairwise call (bounds memory of
-            the B x B work; the result does not depend on it).
+        chunk_size: at most this many query rows per pairwise block (bounds the memory
+            of the B x B work; the fused backend's result does not depend on it).
+        backend: ``"dense"`` (materialised blocks, difference-form distances),
+            ``"fused"`` (fused attention kernels, nothing B x B stored) or ``"auto"``
+            (dense up to B = 512); see :mod:`fluxbench.objectives.batch_score`.
         generator: the source of every random draw (anchors, time, chain noise, probe).
         return_info: also return a :class:`FluxLossInfo`.
 
@@ -143,16 +147,14 @@ def flux_matching_loss(
     dtype = compute_dtype(x)
     xc = x.detach().to(dtype)
     var = sig * sig
-    # One spatial grouping of the batch serves every pairwise pass: anchors, chain states
-    # and transition means stay near their own data point. All work below is on P >= B
-    # rows in frame order (padding rows repeat the last point and never act as keys).
-    frames = Frames(xc, n_keys=b, width=pairwise_width(d))
-    keys_x = KeyFrame(frames, xc, var, dtype)
-    p = frames.padded
+    # all rows below are in the kernel's working order (P >= B rows, see BatchKernel)
+    kern = make_batch_kernel(xc, sig, backend=backend, chunk_size=chunk_size)
+    xw = kern.rows(xc)
+    p = xw.shape[0]
 
     # 1. anchors and their batch score, computed once
-    x0 = frames.permute(xc) + sig * normal((p, d), xc, generator)
-    m = kernel_mean(x0, keys_x, var, chunk_size=chunk_size)
+    x0 = xw + sig * normal((p, d), xc, generator)
+    m = kern.mean(x0)
     s0 = (m - x0) / var
 
     # 2. the reference time, its importance weight, and the chain from x0 to x_t
@@ -174,29 +176,23 @@ def flux_matching_loss(
     for k in range(substeps):
         z = rho_h * z + (1 - rho_h) * m + noise_scale * normal((p, d), xc, generator)
         if k < substeps - 1:
-            m = kernel_mean(z, keys_x, var, chunk_size=chunk_size)
+            m = kern.mean(z)
     x_t = z
 
     # 3-4. g = grad r_hat at x_t: the field's derivatives by autograd, the batch score's in closed form
     probe = rademacher((p, d), xc, generator) if divergence == "hutchinson" else None
-    g = _defect_gradient(field, x_t, xc, keys_x, sig, probe, chunk_size, x.dtype)
+    g = _defect_gradient(field, x_t, kern, probe, x.dtype)
 
     # 5-6. transition weights normalised over anchors, then g_hat
     rho = math.exp(-t_val)
-    v = -var * math.expm1(-2 * t_val)
     mu = x0 + (1 - rho) * var * s0
-    own = frames.own_index()
-    logz = kernel_logsumexp(x_t, frames.real(mu), v, own, frames=frames, chunk_size=chunk_size)
-    g_hat = kernel_transpose_sum(
-        mu, frames.real(x_t), v, frames.real(logz), frames.real(g), frames=frames, chunk_size=chunk_size
-    )
-    g_hat = (rho * inv_q) * g_hat
+    g_hat = (rho * inv_q) * kern.transition_sum(mu, x_t, -var * math.expm1(-2 * t_val), g)
 
     # 7. the loss, differentiated through f at the anchors only
     f0 = _field_at(field, x0.to(x.dtype), "field")
-    loss = frames.unpermute(-2 * ((f0.to(dtype) - s0) * g_hat).sum(1))
+    loss = kern.restore(-2 * ((f0.to(dtype) - s0) * g_hat).sum(1))
     if return_info:
-        info = FluxLossInfo(t=t_val, log_q=log_q, weight=rho * inv_q, x0=frames.unpermute(x0), x_t=frames.unpermute(x_t))
+        info = FluxLossInfo(t=t_val, log_q=log_q, weight=rho * inv_q, x0=kern.restore(x0), x_t=kern.restore(x_t))
         return loss, info
     return loss
 
@@ -204,23 +200,20 @@ def flux_matching_loss(
 def _defect_gradient(
     field: Callable[[Tensor], Tensor],
     y: Tensor,
-    x: Tensor,
-    keys_x: KeyFrame,
-    sigma: float,
+    kern: BatchKernel,
     probe: Tensor | None,
-    chunk_size: int | None,
     field_dtype: torch.dtype,
 ) -> Tensor:
     """g = grad_z r_hat(z) at z = y (SPEC section 2, steps 3-4), detached, shape (P, d).
 
     autograd differentiates only the field: grad_z [eps^T J_f eps + f . stopgrad(s_hat)]
     (one vector-Jacobian product kept in the graph, then one backward); the batch-score
-    terms come in closed form from :func:`score_terms`.
+    terms come in closed form from :meth:`BatchKernel.score_terms`.
     """
     with torch.enable_grad():
         z = y.detach().to(field_dtype).requires_grad_(True)
         f = _field_at(field, z, "field")
-        s, g_s = score_terms(y, x, sigma, f.detach(), probe, keys=keys_x, chunk_size=chunk_size)
+        s, g_s = kern.score_terms(y, f.detach(), probe)
         phi = (f * s.to(f.dtype)).sum()
         if probe is not None:
             eps = probe.to(f.dtype)
