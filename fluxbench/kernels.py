@@ -98,7 +98,7 @@ def squared_distances(x: Tensor, y: Tensor) -> Tensor:
 
 def _rbf_block(x: Tensor, y: Tensor, inv_two_l2: float) -> Tensor:
     """exp(-|x_i - y_j|^2 / (2 l^2)) for one block; no checks (hot-loop helper)."""
-    if True:
+    with no_autocast(x.device):
         d2 = _sq_dists(_upcast(x), _upcast(y))
         return torch.exp(d2 * (-inv_two_l2))
 

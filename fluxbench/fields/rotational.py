@@ -184,5 +184,6 @@ class RotationalField(nn.Module):
         if x.ndim != 2:
             check_points(x, "x", finite=False)
         s = self.score(x)
-        create = torch.is_grad_enabled()
+        # keep the graph of div A only when someone will differentiate the output
+        create = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         return s + self.antisymmetric.apply(x, s) + self.antisymmetric.divergence(x, create_graph=create)

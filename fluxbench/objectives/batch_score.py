@@ -141,6 +141,16 @@ class BatchKernel:
         raise NotImplementedError
 
 
+def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
+    """|a_i - b_j|^2 in difference form (no cancellation), (N, M); coordinate sums for small d."""
+    if a.shape[1] > 4:
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").square_()
+    out = (a[:, :1] - b[:, 0]).square_()
+    for k in range(1, a.shape[1]):
+        out.add_((a[:, k : k + 1] - b[:, k]).square_())
+    return out
+
+
 class DenseBatchKernel(BatchKernel):
     """Materialised blocks of at most ``chunk_size`` rows, distances in difference form."""
 
@@ -152,8 +162,7 @@ class DenseBatchKernel(BatchKernel):
         self.chunk = chunk_size or max(1, (1 << 20) // max(1, x.shape[0]))
 
     def _weights(self, z: Tensor) -> Tensor:
-        d2 = torch.cdist(z, self.x, compute_mode="donot_use_mm_for_euclid_dist").square_()
-        return torch.softmax(d2.mul_(-0.5 / self.var), dim=1)
+        return torch.softmax(_sq_dists(z, self.x).mul_(-0.5 / self.var), dim=1)
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):
@@ -178,7 +187,7 @@ class DenseBatchKernel(BatchKernel):
             wa = w * (v @ x.T - (v * m).sum(1, keepdim=True))
             cw[b] = wa @ x - wa.sum(1, keepdim=True) * m
             if eps is None:
-                c = torch.cdist(m, x, compute_mode="donot_use_mm_for_euclid_dist").square_()
+                c = _sq_dists(m, x)
             else:
                 c = (eps[b] @ x.T - (eps[b] * m).sum(1, keepdim=True)).square_()
             wc = w * c
@@ -191,8 +200,7 @@ class DenseBatchKernel(BatchKernel):
         g = g.to(self.dtype)
         out = torch.zeros_like(mu)
         for b in self._blocks(y.shape[0]):
-            d2 = torch.cdist(mu, y[b], compute_mode="donot_use_mm_for_euclid_dist").square_()
-            out += torch.softmax(d2.mul_(-0.5 / v), dim=0) @ g[b]
+            out += torch.softmax(_sq_dists(mu, y[b]).mul_(-0.5 / v), dim=0) @ g[b]
         return out
 
 
