@@ -84,12 +84,12 @@ def _gradient_terms(s: Tensor, f: Tensor, cw: Tensor, third: Tensor, var: float)
 class BatchKernel:
     """One batch x (B, d) at one noise level: the pairwise sums of the Flux Matching loss.
 
-    Rows handed to the methods are in the kernel's working order: ``rows(t)`` converts an
-    (B, ...) tensor to it (possibly permuted and padded to P >= B rows), ``restore``
-    converts back.
+    Rows are in the kernel's *working order*: ``rows(t)`` converts a (B, ...) tensor to it
+    (possibly permuted and padded to P >= B rows), ``restore`` converts back. Chains of
+    the reference dynamics run on all working rows or on a subset from
+    :meth:`select_chains`; every method taking chain rows accepts either.
     """
 
-    x: Tensor
     var: float
     dtype: torch.dtype
 
@@ -99,12 +99,17 @@ class BatchKernel:
     def restore(self, t: Tensor) -> Tensor:
         return t
 
-    def keys(self, t: Tensor) -> Tensor:
-        """Working-order rows that are real batch members (not padding), to use as keys."""
-        return t
+    def select_chains(self, n_chains: int | None, generator: torch.Generator | None) -> tuple[Tensor | None, float]:
+        """Rows whose chains are run, and the Horvitz-Thompson weight 1 / P(row selected).
+
+        ``None`` (or n_chains >= B) selects all rows with weight 1. Otherwise every row is
+        selected with the same probability, so sum_{j in S} weight * W_ij g_j is an
+        unbiased estimate of sum_j W_ij g_j.
+        """
+        raise NotImplementedError
 
     def mean(self, z: Tensor) -> Tensor:
-        """Posterior mean m(z) of SPEC eq. (5), (P, d)."""
+        """Posterior mean m(z) of SPEC eq. (5) for working rows or chain rows."""
         raise NotImplementedError
 
     def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -121,19 +126,21 @@ class BatchKernel:
         grad_z [eps^T J_f eps + f . stopgrad(s_hat)] from autograd on f.
 
         Args:
-            y: (P, d) points; f: (P, d) the field there (detached); probe: (P, d) or None.
+            y: (C, d) chain points; f: (C, d) the field there (detached); probe: (C, d) or None.
 
         Returns:
-            (s_hat (P, d), g_s (P, d)) in the compute dtype.
+            (s_hat (C, d), g_s (C, d)) in the compute dtype.
         """
         raise NotImplementedError
 
-    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor) -> Tensor:
-        """g_hat_i = sum_j W_ij g_j, W_ij = softmax over i of -|mu_i - y_j|^2 / (2 v) (SPEC step 5-6).
+    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor, chains: Tensor | None) -> Tensor:
+        """g_hat_i = sum_j W_ij g_j, W_ij = softmax over all anchors i of -|mu_i - y_j|^2 / (2 v).
+
+        SPEC section 2, steps 5-6; j runs over the chains.
 
         Args:
-            mu: (P, d) transition means; y: (P, d) chain end points; v: kernel
-                variance; g: (P, d).
+            mu: (P, d) transition means of all anchors; y: (C, d) chain end points;
+            v: kernel variance; g: (C, d); chains: the rows of the chains (None: all).
 
         Returns:
             (P, d).
@@ -151,12 +158,29 @@ def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _block_moments(w: Tensor, xc: Tensor, m: Tensor, v: Tensor, eps: Tensor | None) -> tuple[Tensor, Tensor]:
+    """From a materialised weight block: C v and the contracted third central moment.
+
+    w (n, M) weights, xc (M, d) keys, m (n, d) posterior means, v (n, d), eps (n, d) or None.
+    Returns (C v, E_w[a^2 (x - m)]) with a = eps.(x - m), or E_w[|x - m|^2 (x - m)] for eps=None.
+    """
+    wa = w * (v @ xc.T - (v * m).sum(1, keepdim=True))
+    cw = wa @ xc - wa.sum(1, keepdim=True) * m
+    if eps is None:
+        c = _sq_dists(m, xc)
+    else:
+        c = (eps @ xc.T - (eps * m).sum(1, keepdim=True)).square_()
+    wc = w * c
+    return cw, wc @ xc - wc.sum(1, keepdim=True) * m
+
+
 class DenseBatchKernel(BatchKernel):
     """Materialised blocks of at most ``chunk_size`` rows, distances in difference form."""
 
     def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
         self.dtype = compute_dtype(x)
         self.var = sigma * sigma
+        self.n = x.shape[0]
         self.centre = x.to(self.dtype).mean(0)
         self.x = x.to(self.dtype) - self.centre  # centred once: products below stay small
         self.chunk = chunk_size or max(1, (1 << 20) // max(1, x.shape[0]))
@@ -168,6 +192,12 @@ class DenseBatchKernel(BatchKernel):
         for start in range(0, n, self.chunk):
             yield slice(start, min(start + self.chunk, n))
 
+    def select_chains(self, n_chains, generator):
+        if n_chains is None or n_chains >= self.n:
+            return None, 1.0
+        sel = torch.randperm(self.n, generator=generator, device=self.x.device)[:n_chains].sort().values
+        return sel, self.n / n_chains
+
     def mean(self, z: Tensor) -> Tensor:
         z = z.to(self.dtype) - self.centre
         return torch.cat([self._weights(z[b]) @ self.x for b in self._blocks(z.shape[0])]) + self.centre
@@ -176,28 +206,16 @@ class DenseBatchKernel(BatchKernel):
         y = y.to(self.dtype) - self.centre
         f = f.to(self.dtype)
         eps = None if probe is None else probe.to(self.dtype)
-        x, var = self.x, self.var
         s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
         for b in self._blocks(y.shape[0]):
             w = self._weights(y[b])
-            m = w @ x
-            s[b] = (m - y[b]) / var
-            v = f[b] - 2 * s[b]
-            # a_ij = v_i . (x_j - m_i): C v = sum_j w_ij a_ij (x_j - m_i)
-            wa = w * (v @ x.T - (v * m).sum(1, keepdim=True))
-            cw[b] = wa @ x - wa.sum(1, keepdim=True) * m
-            if eps is None:
-                c = _sq_dists(m, x)
-            else:
-                c = (eps[b] @ x.T - (eps[b] * m).sum(1, keepdim=True)).square_()
-            wc = w * c
-            third[b] = wc @ x - wc.sum(1, keepdim=True) * m
-        return s, _gradient_terms(s, f, cw, third, var)
+            m = w @ self.x
+            s[b] = (m - y[b]) / self.var
+            cw[b], third[b] = _block_moments(w, self.x, m, f[b] - 2 * s[b], None if eps is None else eps[b])
+        return s, _gradient_terms(s, f, cw, third, self.var)
 
-    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor) -> Tensor:
-        mu = mu.to(self.dtype)
-        y = y.to(self.dtype)
-        g = g.to(self.dtype)
+    def transition_sum(self, mu, y, v, g, chains):
+        mu, y, g = mu.to(self.dtype), y.to(self.dtype), g.to(self.dtype)
         out = torch.zeros_like(mu)
         for b in self._blocks(y.shape[0]):
             out += torch.softmax(_sq_dists(mu, y[b]).mul_(-0.5 / v), dim=0) @ g[b]
@@ -223,6 +241,11 @@ def _monomial_maps(d: int) -> tuple[tuple[int, ...], ...]:
     )
 
 
+def moment_width(d: int) -> int:
+    """Per-key width of the moment pass: d + d(d+1)/2 + d(d+1)(d+2)/6."""
+    return d + d * (d + 1) // 2 + d * (d + 1) * (d + 2) // 6
+
+
 class _Monomials:
     """Monomials of local coordinates up to degree 3 and the central moments they give."""
 
@@ -234,17 +257,21 @@ class _Monomials:
 
     def features(self, k: Tensor) -> Tensor:
         """(..., d) -> (..., d + d2 + d3): k_a; k_a k_b (a <= b); k_a k_b k_c (a <= b <= c)."""
-        quad = k[..., self.qa] * k[..., self.qb]
-        return torch.cat([k, quad, quad[..., self.cq] * k[..., self.cc]], dim=-1)
+        out = k.new_empty(*k.shape[:-1], moment_width(self.d))
+        d, nq = self.d, self.n_quad
+        out[..., :d] = k
+        quad = out[..., d : d + nq]
+        torch.mul(k[..., self.qa], k[..., self.qb], out=quad)
+        torch.mul(quad[..., self.cq], k[..., self.cc], out=out[..., d + nq :])
+        return out
 
     def central(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Feature means (P, k) -> (mu (P, d), M2 (P, d, d), C (P, d, d), M3 (P, d, d, d)) raw/central."""
+        """Feature means (C, k) -> (mu (C, d), M2 (C, d, d), Cov (C, d, d), M3 (C, d, d, d))."""
         d, n = self.d, feats.shape[0]
         mu = feats[:, :d]
         m2 = feats[:, d : d + self.n_quad][:, self.q_full].view(n, d, d)
         m3 = feats[:, d + self.n_quad :][:, self.c_full].view(n, d, d, d)
-        cov = m2 - mu[:, :, None] * mu[:, None, :]
-        return mu, m2, cov, m3
+        return mu, m2, m2 - mu[:, :, None] * mu[:, None, :], m3
 
 
 class FusedBatchKernel(BatchKernel):
@@ -258,10 +285,9 @@ class FusedBatchKernel(BatchKernel):
         xc = x.to(self.dtype)
         # one grouping of the batch serves every pass: anchors, chain states and
         # transition means stay near their own data point
-        width = d + d * (d + 1) // 2 + d * (d + 1) * (d + 2) // 6 if d <= MOMENT_MAX_DIM else d + 1
-        self.frames = Frames(xc, n_keys=b, width=width)
+        width = moment_width(d) if d <= MOMENT_MAX_DIM else d + 1
+        self.frames = Frames(xc, n_keys=b, width=width, scale=sigma)
         self.x_keys = KeyFrame(self.frames, xc, self.var, self.dtype)
-        self.x = xc
         self.monomials = _Monomials(d, x.device) if d <= MOMENT_MAX_DIM else None
 
     def rows(self, t: Tensor) -> Tensor:
@@ -270,8 +296,14 @@ class FusedBatchKernel(BatchKernel):
     def restore(self, t: Tensor) -> Tensor:
         return self.frames.unpermute(t)
 
-    def keys(self, t: Tensor) -> Tensor:
-        return self.frames.real(t)
+    def select_chains(self, n_chains, generator):
+        size = self.frames.size
+        if n_chains is None or n_chains >= self.frames.n:
+            return None, 1.0
+        per = min(size, max(1, -(-n_chains // self.frames.n_groups)))
+        if per == size:
+            return None, 1.0
+        return self.frames.sample_rows(per, generator), size / per
 
     def mean(self, z: Tensor) -> Tensor:
         return kernel_mean(z, self.x_keys, self.var, chunk_size=self.chunk)
@@ -286,8 +318,7 @@ class FusedBatchKernel(BatchKernel):
         feats, centre = kernel_mean(y, self.x_keys, self.var, features=self.monomials.features, chunk_size=self.chunk)
         mu, m2, cov, m3 = self.monomials.central(feats)
         s = (centre + mu - y) / self.var
-        w = f - 2 * s
-        cw = torch.einsum("nij,nj->ni", cov, w)
+        cw = torch.einsum("nij,nj->ni", cov, f - 2 * s)
         # contracted third central moment T3_abc = M3_abc - (M2 x mu)_sym3 + 2 mu_a mu_b mu_c
         if eps is None:
             tr = m2.diagonal(dim1=1, dim2=2).sum(1, keepdim=True)
@@ -311,32 +342,26 @@ class FusedBatchKernel(BatchKernel):
     def _frame_blocks(self, y: Tensor, f: Tensor, eps: Tensor | None):
         """The moments as materialised blocks, one per local frame (large d)."""
         frames, var = self.frames, self.var
+        per = y.shape[0] // frames.n_groups
         s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
         for gi in range(frames.n_groups):
-            rows = slice(gi * frames.size, (gi + 1) * frames.size)
+            rows = slice(gi * per, (gi + 1) * per)
             xc = self.x_keys.k[gi]  # keys in this frame's coordinates
             yc = y[rows] - frames.centres[gi].to(y.dtype)
             logits = (yc.square().sum(1, keepdim=True) - 2 * yc @ xc.T).mul_(-0.5 / var).add_(self.x_keys.bias[gi])
             w = torch.softmax(logits, dim=1)
             m = w @ xc
             s[rows] = (m - yc) / var
-            v = f[rows] - 2 * s[rows]
-            wa = w * (v @ xc.T - (v * m).sum(1, keepdim=True))
-            cw[rows] = wa @ xc - wa.sum(1, keepdim=True) * m
-            if eps is None:
-                c = (m.square().sum(1, keepdim=True) + xc.square().sum(1) - 2 * m @ xc.T).clamp_min_(0)
-            else:
-                c = (eps[rows] @ xc.T - (eps[rows] * m).sum(1, keepdim=True)).square_()
-            wc = w * c
-            third[rows] = wc @ xc - wc.sum(1, keepdim=True) * m
+            cw[rows], third[rows] = _block_moments(w, xc, m, f[rows] - 2 * s[rows], None if eps is None else eps[rows])
         return s, cw, third
 
-    def transition_sum(self, mu: Tensor, y: Tensor, v: float, g: Tensor) -> Tensor:
-        own = self.frames.own_index()
-        logz = kernel_logsumexp(y, self.keys(mu), v, own, frames=self.frames, chunk_size=self.chunk)
-        return kernel_transpose_sum(
-            mu, self.keys(y), v, self.keys(logz), self.keys(g), frames=self.frames, chunk_size=self.chunk
-        )
+    def transition_sum(self, mu, y, v, g, chains):
+        frames = self.frames
+        own = frames.own if chains is None else frames.own[chains]
+        padding = frames.key_bias
+        logz = kernel_logsumexp(y, mu, v, own, frames=frames, key_bias=padding, chunk_size=self.chunk)
+        chain_bias = None if padding is None else (padding if chains is None else padding[chains])
+        return kernel_transpose_sum(mu, y, v, logz, g, frames=frames, key_bias=chain_bias, chunk_size=self.chunk)
 
 
 def make_batch_kernel(x: Tensor, sigma: float, *, backend: str = "auto", chunk_size: int | None = None) -> BatchKernel:

@@ -63,9 +63,10 @@ class FluxLossInfo:
     Attributes:
         t: the reference time used (after clamping), a float.
         log_q: log density of t under the proposal (``0`` for a fixed t).
-        weight: the importance weight rho(t) / q(t) applied to g_hat.
+        weight: the weight rho(t) / q(t) (times the chain reweighting) applied to g_hat.
         x0: (B, d) anchors.
-        x_t: (B, d) end points of the reference chain.
+        x_t: (C, d) end points of the C reference chains (in the kernel's working
+            order; all B anchors' chains unless ``chains`` was given).
     """
 
     t: float
@@ -89,6 +90,7 @@ def flux_matching_loss(
     proposal=None,
     divergence: str = "hutchinson",
     t: float | None = None,
+    chains: int | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
     generator: torch.Generator | None = None,
@@ -114,6 +116,11 @@ def flux_matching_loss(
         t: evaluate at this fixed time with importance weight 1 instead of sampling,
             giving the integrand of SPEC eq. (7): E[loss | t] = 2 <r, P_t r>_{p_hat}
             (for a single Gaussian 4 e^{-2t} ||M_s||^2 + 2 e^{-t} |c|^2 / sigma^2).
+        chains: run the reference chains (steps 2-4) from this many anchors only, drawn
+            uniformly without replacement (stratified over the local frames), and
+            reweight their contributions by 1 / P(selected) (Horvitz-Thompson): the
+            expectation of every per-sample loss is unchanged, the variance grows, and
+            the cost of steps 2-6 scales with ``chains`` instead of B. Default: all B.
         chunk_size: at most this many query rows per pairwise block (bounds the memory
             of the B x B work; the fused backend's result does not depend on it).
         backend: ``"dense"`` (materialised blocks, difference-form distances),
@@ -142,22 +149,24 @@ def flux_matching_loss(
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     if t is not None:
         t = check_positive(t, "t", allow_zero=True)
+    if chains is not None:
+        chains = check_positive_int(chains, "chains")
 
     b, d = x.shape
     dtype = compute_dtype(x)
     xc = x.detach().to(dtype)
     var = sig * sig
-    # all rows below are in the kernel's working order (P >= B rows, see BatchKernel)
+    # rows below are in the kernel's working order (P >= B rows, see BatchKernel)
     kern = make_batch_kernel(xc, sig, backend=backend, chunk_size=chunk_size)
     xw = kern.rows(xc)
     p = xw.shape[0]
 
     # 1. anchors and their batch score, computed once
     x0 = xw + sig * normal((p, d), xc, generator)
-    m = kern.mean(x0)
-    s0 = (m - x0) / var
+    m0 = kern.mean(x0)
+    s0 = (m0 - x0) / var
 
-    # 2. the reference time, its importance weight, and the chain from x0 to x_t
+    # 2. the reference time, its importance weight, and the chains from x0 to x_t
     if t is not None:
         t_val, log_q = float(t), xc.new_zeros(())
     elif proposal is None:
@@ -168,32 +177,34 @@ def flux_matching_loss(
         t_val = float(t_tensor)
     t_val = max(t_val, T_MIN)
     inv_q = 1.0 if t is not None else float(torch.exp(-log_q.detach()))
+    sel, chain_weight = kern.select_chains(chains, generator)
+    z, m = (x0, m0) if sel is None else (x0[sel], m0[sel])
+    c = z.shape[0]
 
     h = t_val / substeps
     rho_h = math.exp(-h)
     noise_scale = sig * math.sqrt(-math.expm1(-2 * h))
-    z = x0
     for k in range(substeps):
-        z = rho_h * z + (1 - rho_h) * m + noise_scale * normal((p, d), xc, generator)
+        z = rho_h * z + (1 - rho_h) * m + noise_scale * normal((c, d), xc, generator)
         if k < substeps - 1:
             m = kern.mean(z)
     x_t = z
 
     # 3-4. g = grad r_hat at x_t: the field's derivatives by autograd, the batch score's in closed form
-    probe = rademacher((p, d), xc, generator) if divergence == "hutchinson" else None
+    probe = rademacher((c, d), xc, generator) if divergence == "hutchinson" else None
     g = _defect_gradient(field, x_t, kern, probe, x.dtype)
 
-    # 5-6. transition weights normalised over anchors, then g_hat
+    # 5-6. transition weights normalised over all anchors, then g_hat
     rho = math.exp(-t_val)
     mu = x0 + (1 - rho) * var * s0
-    g_hat = (rho * inv_q) * kern.transition_sum(mu, x_t, -var * math.expm1(-2 * t_val), g)
+    weight = rho * inv_q * chain_weight
+    g_hat = weight * kern.transition_sum(mu, x_t, -var * math.expm1(-2 * t_val), g, sel)
 
     # 7. the loss, differentiated through f at the anchors only
     f0 = _field_at(field, x0.to(x.dtype), "field")
     loss = kern.restore(-2 * ((f0.to(dtype) - s0) * g_hat).sum(1))
     if return_info:
-        info = FluxLossInfo(t=t_val, log_q=log_q, weight=rho * inv_q, x0=kern.restore(x0), x_t=kern.restore(x_t))
-        return loss, info
+        return loss, FluxLossInfo(t=t_val, log_q=log_q, weight=weight, x0=kern.restore(x0), x_t=x_t)
     return loss
 
 

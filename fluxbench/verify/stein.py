@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fluxbench._random import generator_from_seed
 from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int, check_same_space
-from fluxbench.kernels import median_bandwidth, no_autocast, working_dtype
+from fluxbench.kernels import no_autocast, working_dtype
 
 __all__ = ["stein_kernel", "ksd2", "ksd_pass", "KSDPass", "resolve_lengthscales", "DEFAULT_LENGTHSCALE_FACTORS"]
 
@@ -201,6 +201,40 @@ def ksd_pass(
     return KSDPass(torch.stack(sums), torch.stack(sq), hw)
 
 
+def median_distance(x: Tensor, *, max_points: int = 2000, generator: torch.Generator | None = None) -> float:
+    """The median heuristic of :func:`fluxbench.kernels.median_bandwidth`, by selection instead of a sort.
+
+    Same definition (median of the pairwise Euclidean distances over i < j of at most
+    ``max_points`` points, a uniform subsample drawn with ``generator`` above that; the
+    mean of the two middle values for an even count) and the same subsample for the same
+    generator state, in O(n^2) instead of O(n^2 log n).
+    """
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("the median heuristic needs at least 2 points")
+    with torch.no_grad():
+        z = x
+        if n > max_points:
+            z = z[torch.randperm(n, generator=generator, device=z.device)[:max_points]]
+            n = max_points
+        z = z.to(working_dtype(z.dtype))
+        z = z - z.mean(0, keepdim=True)
+        with no_autocast(z.device):
+            sq = z.pow(2).sum(1)
+            d2 = torch.addmm(sq[:, None] + sq[None, :], z, z.T, beta=1.0, alpha=-2.0).clamp_min_(0.0)
+        iu = torch.triu_indices(n, n, offset=1, device=z.device)
+        dists = d2[iu[0], iu[1]].sqrt_()
+        k = dists.numel()
+        lo = torch.kthvalue(dists, (k - 1) // 2 + 1).values
+        hi = torch.kthvalue(dists, k // 2 + 1).values
+        value = float(0.5 * (lo + hi))
+    if not value > 0:
+        raise ValueError(
+            "median pairwise distance is 0 (more than half of the pairs of points coincide); pass lengthscales"
+        )
+    return value
+
+
 def resolve_lengthscales(
     x: Tensor,
     lengthscales: float | Tensor | Sequence[float] | None,
@@ -214,7 +248,7 @@ def resolve_lengthscales(
         (list of lengthscales, the median heuristic or None when lengthscales were given).
     """
     if lengthscales is None:
-        med = median_bandwidth(x.detach(), generator=generator)
+        med = median_distance(x.detach(), generator=generator)
         out = [med * check_positive(c, "lengthscale factor") for c in factors]
         return out, med
     if isinstance(lengthscales, Tensor):

@@ -1,0 +1,614 @@
+"""Measure the size and power of the stationarity tests (SPEC section 5: "measured, never assumed").
+
+    python -m fluxbench.verify.calibrate [--seeds 100] [--n 2000] [--quick] [--jobs 1]
+                                         [--cases PATTERN[,PATTERN...]] [--out DIR]
+
+For every case (a target, a field, and whether the target is stationary for the field) and
+every seed, N exact samples of the target are drawn and tested with ``method="ksd"`` and
+``method="rollout"`` (default options, ``seed`` = the seed). ``"combined"`` is derived from
+the same two p-values, ``p = min(1, 2 min(p_ksd, p_rollout))``, which is exactly what
+``stationarity_test(method="combined", seed=seed)`` computes (it runs the two sub-tests
+with the same seed and options). Two diagnostic variants of the KSD come from the same
+pass: ``ksd_median`` (the median-heuristic lengthscale alone) and ``ksd_sum`` (the sum of
+the standardised statistics instead of their maximum).
+
+Outputs (in ``--out``, default ``results/calibration``):
+
+* ``calibration.csv``: one row per case x method x alpha (alpha = 0.01, the default
+  level, and 0.05): rejections, rate, se = sqrt(rate (1 - rate) / n_seeds), the W2 of the
+  perturbation, the requirement and whether it is met. Requirements: stationary cases,
+  ``rate <= alpha + 2 se``; perturbed cases with W2 >= 0.1, ``rate >= 0.9``.
+* ``pvalues.csv``: every p-value of every seed (the raw material of the table).
+* ``README.md``: the summary, the command, date, machine and torch threads.
+
+Results are appended per case with atomic writes (``fluxbench._io.write_text``): an
+interrupted run loses at most the case in progress, and a rerun skips the cases already
+in the CSV with the same N and number of seeds.
+
+W2 of a perturbation: ``w2_rollout`` is the exact W2 (:func:`fluxbench.metrics.w2`) between
+2000 target samples pushed through a long Langevin run of the perturbed field (schedule of
+:func:`fluxbench.verify.rollout_schedule` with 100 relaxation times, at most 50000 steps)
+and 2000 fresh target samples; ``w2_floor`` is the W2 between two independent 2000-point
+target samples. ``w2_reference`` is the W2 between the target and the perturbed field's
+stationary law computed without the rollout: in closed form for Gaussian targets with
+linear fields (SPEC section 4, Lyapunov equation), from 4000-point exact samples of the
+stationary mixture (debiased by the floor) for mixture perturbations with a closed-form
+stationary law, ``inf`` when there is no stationary law. The requirement uses
+``w2_reference`` when available, else the debiased rollout estimate
+``sqrt(max(w2_rollout^2 - w2_floor^2, 0))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fnmatch
+import io
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from fluxbench._io import write_text
+
+__all__ = ["Case", "CASES", "QUICK_CASES", "make_case", "run_case", "perturbation_w2", "main"]
+
+ALPHAS = (0.01, 0.05)
+METHODS = ("ksd", "rollout", "combined", "ksd_median", "ksd_sum")
+REQUIRED_METHODS = ("ksd", "rollout", "combined")
+W2_THRESHOLD = 0.1
+POWER_TARGET = 0.9
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One calibration case: a target name, a field name and the family."""
+
+    name: str
+    family: str  # "stationary" or "perturbed"
+    target: str  # iso{d}, aniso{d}, triangle, ring
+    field: str
+    description: str
+
+    @property
+    def d(self) -> int:
+        return _dim(self.target)
+
+
+def _dim(target: str) -> int:
+    if target.startswith("iso"):
+        return int(target[3:])
+    if target.startswith("aniso"):
+        return int(target[5:])
+    return 2
+
+
+def _target(name: str):
+    from fluxbench.targets import Gaussian, anisotropic_gaussian, ring, triangle
+
+    if name.startswith("iso"):
+        return Gaussian.isotropic(_dim(name))
+    if name.startswith("aniso"):
+        return anisotropic_gaussian(_dim(name), 10.0, seed=0)
+    if name == "triangle":
+        return triangle()
+    if name == "ring":
+        return ring()
+    raise ValueError(f"unknown calibration target {name!r}")
+
+
+def _antisymmetric(d: int) -> Tensor:
+    """A fixed antisymmetric matrix with spectral norm 1 (the 90-degree rotation in 2-D)."""
+    if d == 2:
+        return torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+    g = torch.randn(d, d, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    a = g - g.T
+    return a / torch.linalg.matrix_norm(a, ord=2)
+
+
+def _symmetric_part(d: int) -> Tensor:
+    """The symmetric perturbation S of the rot_sym case: diag(1.5, 0.5, 1.5, 0.5, ...)."""
+    return torch.diag(torch.tensor([1.5 if i % 2 == 0 else 0.5 for i in range(d)], dtype=torch.float64))
+
+
+STRONG_ROTATION = 4.0
+ROT_SYM_EPS = 0.3
+DRIFT = 0.3
+TEMPERATURE = 0.9
+TRIANGLE_WRONG_WEIGHTS = (0.5, 0.25, 0.25)
+
+
+class _Linear:
+    """x -> x @ M^T (+ b) in the input's dtype (M, b stored in float64)."""
+
+    def __init__(self, inner: Callable[[Tensor], Tensor], matrix: Tensor | None = None, shift: Tensor | None = None,
+                 scale: float = 1.0):
+        self.inner, self.matrix, self.shift, self.scale = inner, matrix, shift, scale
+
+    def __call__(self, x: Tensor) -> Tensor:
+        s = self.inner(x)
+        out = s if self.matrix is None else s @ self.matrix.to(s.dtype).T
+        if self.scale != 1.0:
+            out = self.scale * out
+        if self.shift is not None:
+            out = out + self.shift.to(s.dtype)
+        return out
+
+
+def make_case(case: Case):
+    """Build ``(target, field, linear)`` for a case.
+
+    ``linear`` is ``(M, b)`` when the target is Gaussian and the field is
+    ``f(x) = -M (x - m) + b`` (for the closed-form stationary law), else None.
+    """
+    from fluxbench.fields import RotationalField, ScalarAntisymmetric
+    from fluxbench.targets import Gaussian, GaussianMixture
+
+    target = _target(case.target)
+    d = target.dim
+    a = _antisymmetric(d)
+    eye = torch.eye(d, dtype=torch.float64)
+    gauss = isinstance(target, Gaussian)
+    prec = target.precision if gauss else None
+    f = case.field
+    linear = None
+    if f == "score":
+        field, mat = target.score, eye
+    elif f == "rot_const":
+        field, mat = RotationalField(target.score, a), eye + a
+    elif f == "rot_strong":
+        field, mat = RotationalField(target.score, STRONG_ROTATION * a), eye + STRONG_ROTATION * a
+    elif f == "rot_scalar":
+        amp, width = 2.0, 4.0 * d
+
+        def scalar(x: Tensor) -> Tensor:
+            return amp * torch.exp(-(x * x).sum(1) / width)
+
+        def grad(x: Tensor) -> Tensor:
+            return (-2.0 / width) * x * scalar(x)[:, None]
+
+        field, mat = RotationalField(target.score, ScalarAntisymmetric(scalar, a, grad=grad)), None
+    elif f == "temp09":
+        field, mat = _Linear(target.score, scale=TEMPERATURE), TEMPERATURE * eye
+    elif f == "drift":
+        b = DRIFT * torch.ones(d, dtype=torch.float64) / math.sqrt(d)
+        field = _Linear(target.score, shift=b)
+        mat = eye
+        if gauss:
+            linear = (prec, b)
+    elif f == "rot_sym":
+        m = eye + STRONG_ROTATION * a + ROT_SYM_EPS * _symmetric_part(d)
+        field, mat = _Linear(target.score, matrix=m), m
+    elif f == "rot_only":
+        field, mat = _Linear(target.score, matrix=a), a
+    elif f == "weights":
+        if not isinstance(target, GaussianMixture):
+            raise ValueError("the weights case needs a mixture target")
+        if case.target == "triangle":
+            w = torch.tensor(TRIANGLE_WRONG_WEIGHTS, dtype=torch.float64)
+        else:
+            w = torch.tensor([3.0 if k % 2 == 0 else 1.0 for k in range(target.n_components)], dtype=torch.float64)
+        field, mat = GaussianMixture(w, target.means, target.covariances).score, None
+    else:
+        raise ValueError(f"unknown calibration field {f!r}")
+    if gauss and linear is None and mat is not None:
+        linear = (mat @ prec, torch.zeros(d, dtype=torch.float64))
+    return target, field, linear
+
+
+def _cases() -> list[Case]:
+    out: list[Case] = []
+    desc = {
+        "score": "f = s",
+        "rot_const": "f = (I + A) s, A constant antisymmetric, |A| = 1 (SPEC eq. (4))",
+        "rot_scalar": "f = s + a(x) A s + A grad a, a(x) = 2 exp(-|x|^2 / (4 d)) (SPEC eq. (4))",
+        "rot_strong": f"f = (I + {STRONG_ROTATION:g} A) s (large rotation)",
+    }
+    for t in ("iso2", "iso5", "iso20", "aniso2", "aniso5", "aniso20", "triangle", "ring"):
+        for f in ("score", "rot_const", "rot_scalar"):
+            out.append(Case(f"{t}-{f}", "stationary", t, f, desc[f]))
+    for t in ("iso2", "aniso5"):
+        out.append(Case(f"{t}-rot_strong", "stationary", t, "rot_strong", desc["rot_strong"]))
+    pdesc = {
+        "temp09": f"f = {TEMPERATURE} s (wrong temperature)",
+        "drift": f"f = s + b, |b| = {DRIFT} along (1, ..., 1)",
+        "rot_sym": f"f = (I + {STRONG_ROTATION:g} A + {ROT_SYM_EPS} S) s, S = diag(1.5, 0.5, ...) (symmetric error under a large rotation)",
+        "rot_only": "f = A s (rotation without the score: no stationary law)",
+        "weights": "f = score of the same mixture with other weights",
+    }
+    perturbed = [
+        ("iso2", "temp09"), ("iso20", "temp09"), ("aniso5", "temp09"), ("triangle", "temp09"),
+        ("iso2", "drift"), ("iso20", "drift"), ("triangle", "drift"),
+        ("iso2", "rot_sym"), ("aniso5", "rot_sym"),
+        ("iso2", "rot_only"), ("aniso5", "rot_only"),
+        ("triangle", "weights"), ("ring", "weights"),
+    ]
+    for t, f in perturbed:
+        d = pdesc[f]
+        if f == "weights":
+            d += f" {TRIANGLE_WRONG_WEIGHTS}" if t == "triangle" else " (3:1 alternating)"
+        out.append(Case(f"{t}-{f}", "perturbed", t, f, d))
+    return out
+
+
+CASES: list[Case] = _cases()
+CASE_BY_NAME = {c.name: c for c in CASES}
+QUICK_CASES = ("iso2-score", "iso2-rot_scalar", "iso20-temp09", "triangle-weights")
+
+
+# --------------------------------------------------------------------------- W2 of a perturbation
+def _gaussian_stationary(target, linear) -> tuple[Tensor, Tensor] | None:
+    """Stationary N(mean, C) of f(x) = -M (x - m) + b, or None if M is not stable."""
+    from scipy.linalg import solve_continuous_lyapunov
+
+    m_mat, b = linear
+    eig = torch.linalg.eigvals(m_mat)
+    if float(eig.real.min()) <= 1e-9:
+        return None
+    c = solve_continuous_lyapunov(m_mat.numpy(), 2.0 * np.eye(m_mat.shape[0]))
+    c = torch.tensor(0.5 * (c + c.T), dtype=torch.float64)
+    mean = target.mean + torch.linalg.solve(m_mat, b)
+    return mean, c
+
+
+def perturbation_w2(case: Case, *, n: int = 2000, seed: int = 99, time_factor: float = 100.0,
+                    max_steps: int = 50000) -> dict:
+    """W2 between the target and the perturbed field's stationary law (see the module doc)."""
+    from fluxbench.metrics import gaussian_w2, w2
+    from fluxbench.samplers import langevin
+    from fluxbench.targets import GaussianMixture
+    from fluxbench.verify.stationarity import rollout_schedule
+
+    target, field, linear = make_case(case)
+    g = torch.Generator().manual_seed(seed)
+    x0 = target.sample(n, generator=g)
+    ref = target.sample(n, generator=g)
+    eps, steps, info = rollout_schedule(field, x0, generator=g, time_factor=time_factor, max_steps=max_steps)
+    y = langevin(field, x0, step_size=eps, n_steps=steps, generator=g)
+    out = {
+        "w2_rollout": w2(y, ref),
+        "w2_floor": w2(x0, ref),
+        "w2_rollout_time": eps * steps,
+        "w2_rollout_eps": eps,
+    }
+    ref_w2 = math.nan
+    source = "rollout (debiased)"
+    if linear is not None:
+        st = _gaussian_stationary(target, linear)
+        if st is None:
+            ref_w2, source = math.inf, "none: no stationary law"
+        else:
+            ref_w2 = float(gaussian_w2(target.mean, target.covariance, st[0], st[1]))
+            source = "closed form (Gaussian)"
+    elif case.field == "weights" or (case.field == "drift" and isinstance(target, GaussianMixture)):
+        # the stationary law is again a mixture: same components, other weights (drift: the
+        # exponential tilt p(x) e^{b.x}, means m_k + Sigma_k b, weights w_k e^{b.m_k + b.Sigma_k b / 2})
+        if case.field == "weights":
+            q = GaussianMixture(_weights_of(field, case), target.means, target.covariances)
+        else:
+            d = target.dim
+            b = DRIFT * torch.ones(d, dtype=torch.float64) / math.sqrt(d)
+            covs = target.covariances
+            means = target.means + covs @ b
+            logw = torch.log(target.weights) + target.means @ b + 0.5 * torch.einsum("i,kij,j->k", b, covs, b)
+            q = GaussianMixture(torch.softmax(logw, 0), means, covs)
+        m = 4000
+        a1 = q.sample(m, generator=g, dtype=torch.float64)
+        a2 = target.sample(m, generator=g, dtype=torch.float64)
+        a3 = target.sample(m, generator=g, dtype=torch.float64)
+        raw, fl = w2(a1, a2), w2(a3, a2)
+        ref_w2 = math.sqrt(max(raw**2 - fl**2, 0.0))
+        source = f"exact samples of the stationary mixture ({m} points, debiased)"
+    out["w2_reference"] = ref_w2
+    out["w2_source"] = source
+    if math.isnan(ref_w2):
+        out["w2"] = math.sqrt(max(out["w2_rollout"] ** 2 - out["w2_floor"] ** 2, 0.0))
+    else:
+        out["w2"] = ref_w2
+    return out
+
+
+def _weights_of(field, case: Case) -> Tensor:
+    target = _target(case.target)
+    if case.target == "triangle":
+        return torch.tensor(TRIANGLE_WRONG_WEIGHTS, dtype=torch.float64)
+    return torch.tensor([3.0 if k % 2 == 0 else 1.0 for k in range(target.n_components)], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- running a case
+def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress: bool = False) -> pd.DataFrame:
+    """All seeds of one case: a DataFrame of p-values (one row per seed)."""
+    from fluxbench.verify.stationarity import ksd_test, rollout_test
+
+    target, field, _ = make_case(case)
+    rows = []
+    for s in range(seed_offset, seed_offset + n_seeds):
+        g = torch.Generator().manual_seed(1_000_003 * (s + 1))
+        x = target.sample(n, generator=g)
+        t0 = time.perf_counter()
+        rk = ksd_test(field, x, seed=s)
+        t1 = time.perf_counter()
+        rr = rollout_test(field, x, seed=s, compute_w2=False)
+        t2 = time.perf_counter()
+        rows.append(
+            {
+                "case": case.name,
+                "seed": s,
+                "p_ksd": rk.p_value,
+                "p_ksd_median": rk.details.get("p_value_median", math.nan),
+                "p_ksd_sum": rk.details["p_value_sum"],
+                "p_rollout": rr.p_value,
+                "p_combined": min(1.0, 2.0 * min(rk.p_value, rr.p_value)),
+                "ksd_seconds": t1 - t0,
+                "rollout_seconds": t2 - t1,
+                "eps": rr.eps,
+                "n_steps": rr.n_steps,
+            }
+        )
+        if progress:
+            print(f"  {case.name} seed {s}: p_ksd {rk.p_value:.3f} p_rollout {rr.p_value:.3f} "
+                  f"({t1 - t0:.2f} s + {t2 - t1:.2f} s)", flush=True)
+    return pd.DataFrame(rows)
+
+
+def summarise(case: Case, pv: pd.DataFrame, w2info: dict | None, n: int) -> pd.DataFrame:
+    """Rows of calibration.csv for one case."""
+    rows = []
+    n_seeds = len(pv)
+    for method in METHODS:
+        col = f"p_{method}"
+        for alpha in ALPHAS:
+            rej = int((pv[col] < alpha).sum())
+            rate = rej / n_seeds
+            se = math.sqrt(rate * (1 - rate) / n_seeds)
+            w2v = w2info["w2"] if w2info else math.nan
+            if case.family == "stationary":
+                req = "rate <= alpha + 2 se"
+                meets = "yes" if rate <= alpha + 2 * se + 1e-12 else "no"
+            elif w2v >= W2_THRESHOLD:
+                req = f"rate >= {POWER_TARGET}"
+                meets = "yes" if rate >= POWER_TARGET else "no"
+            else:
+                req = f"none (W2 < {W2_THRESHOLD})"
+                meets = "not required"
+            rows.append(
+                {
+                    "case": case.name,
+                    "family": case.family,
+                    "target": case.target,
+                    "d": case.d,
+                    "field": case.field,
+                    "method": method,
+                    "alpha": alpha,
+                    "n": n,
+                    "n_seeds": n_seeds,
+                    "rejections": rej,
+                    "rate": rate,
+                    "se": se,
+                    "w2": w2v,
+                    "w2_source": w2info["w2_source"] if w2info else "",
+                    "w2_rollout": w2info["w2_rollout"] if w2info else math.nan,
+                    "w2_floor": w2info["w2_floor"] if w2info else math.nan,
+                    "w2_rollout_time": w2info["w2_rollout_time"] if w2info else math.nan,
+                    "requirement": req,
+                    "meets": meets,
+                    "mean_seconds": float(pv["ksd_seconds"].mean() + pv["rollout_seconds"].mean()),
+                    "mean_eps": float(pv["eps"].mean()),
+                    "mean_n_steps": float(pv["n_steps"].mean()),
+                    "description": case.description,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _case_job(args: tuple[str, int, int, bool]) -> tuple[str, pd.DataFrame, pd.DataFrame, float]:
+    name, n, n_seeds, progress = args
+    torch.set_num_threads(1)
+    case = CASE_BY_NAME[name]
+    start = time.perf_counter()
+    pv = run_case(case, n=n, n_seeds=n_seeds, progress=progress)
+    w2info = perturbation_w2(case) if case.family == "perturbed" else None
+    table = summarise(case, pv, w2info, n)
+    return name, table, pv, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- output
+def _read(path: Path) -> pd.DataFrame | None:
+    if path.exists() and path.stat().st_size > 0:
+        return pd.read_csv(path, keep_default_na=False, na_values=["nan", "NaN", ""])
+    return None
+
+
+def _append(path: Path, new: pd.DataFrame, case: str) -> pd.DataFrame:
+    old = _read(path)
+    if old is not None:
+        old = old[old["case"] != case]
+        new = pd.concat([old, new], ignore_index=True)
+    buf = io.StringIO()
+    new.to_csv(buf, index=False)
+    write_text(path, buf.getvalue())
+    return new
+
+
+def _fmt_rate(r: pd.Series) -> str:
+    mark = " **FAIL**" if r["meets"] == "no" else ""
+    return f"{r['rate']:.2f} ± {r['se']:.2f}{mark}"
+
+
+def write_summary(out: Path, table: pd.DataFrame, command: str, elapsed: dict[str, float], meta: dict) -> None:
+    """Regenerate README.md from the CSV."""
+    lines = [
+        "# Calibration of the stationarity tests: size and power",
+        "",
+        "Produced by `fluxbench.verify.calibrate` (see its docstring for the protocol).",
+        "",
+        f"- command: `{command}`",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}",
+        f"- torch {torch.__version__}, torch threads per process: {meta['threads']}, processes: {meta['jobs']}",
+        f"- N = {meta['n']} samples per seed; seeds per case: {meta['seeds']}",
+        f"- wall time of the cases listed (sum over cases, seconds): {sum(elapsed.values()):.0f}"
+        if elapsed else "- wall time: (cases computed in earlier runs)",
+        "",
+        "Each entry is the rejection rate ± its SE, sqrt(rate (1 - rate) / n_seeds), over the seeds.",
+        "Requirements: stationary cases (false alarms) `rate <= alpha + 2 SE`; perturbed cases with",
+        f"W2 >= {W2_THRESHOLD} (detections) `rate >= {POWER_TARGET}`. **FAIL** marks an entry that misses its",
+        "requirement. `ksd` (the default: maximum over 5 lengthscales), `rollout` and `combined` are the",
+        "methods of `stationarity_test`; `ksd_median` (the median lengthscale alone) and `ksd_sum` (sum",
+        "of the standardised statistics) are diagnostics computed from the same pass.",
+        "",
+    ]
+    for alpha in ALPHAS:
+        sub = table[table["alpha"] == alpha]
+        for family, title in (("stationary", "False-alarm rate (stationary cases)"),
+                              ("perturbed", "Detection rate (perturbed cases)")):
+            fam = sub[sub["family"] == family]
+            if fam.empty:
+                continue
+            lines += [f"## {title}, alpha = {alpha}", ""]
+            head = "| case | d | " + ("W2 | " if family == "perturbed" else "") + " | ".join(METHODS) + " |"
+            lines += [head, "|" + "---|" * (head.count("|") - 1)]
+            for case in dict.fromkeys(fam["case"]):
+                rows = fam[fam["case"] == case].set_index("method")
+                first = rows.iloc[0]
+                cells = [case, str(int(first["d"]))]
+                if family == "perturbed":
+                    w = first["w2"]
+                    cells.append("inf" if math.isinf(w) else f"{w:.3f}")
+                cells += [_fmt_rate(rows.loc[m]) for m in METHODS]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    # which method meets what
+    lines += ["## Which method meets which requirement", ""]
+    req = table[table["meets"] != "not required"]
+    lines += ["| alpha | method | stationary cases met | perturbed cases (W2 >= 0.1) met | cases missed |",
+              "|---|---|---|---|---|"]
+    for alpha in ALPHAS:
+        for m in METHODS:
+            sub = req[(req["alpha"] == alpha) & (req["method"] == m)]
+            st = sub[sub["family"] == "stationary"]
+            pe = sub[sub["family"] == "perturbed"]
+            missed = ", ".join(sub[sub["meets"] == "no"]["case"]) or "none"
+            lines.append(f"| {alpha} | {m} | {int((st['meets'] == 'yes').sum())}/{len(st)} | "
+                         f"{int((pe['meets'] == 'yes').sum())}/{len(pe)} | {missed} |")
+    lines.append("")
+    pert = table[(table["family"] == "perturbed") & (table["method"] == "ksd") & (table["alpha"] == ALPHAS[0])]
+    if not pert.empty:
+        lines += ["## W2 of the perturbations", "",
+                  "| case | W2 used | source | W2 rollout | noise floor | rollout time | description |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in pert.itertuples():
+            w = "inf" if math.isinf(r.w2) else f"{r.w2:.3f}"
+            lines.append(f"| {r.case} | {w} | {r.w2_source} | {r.w2_rollout:.3f} | {r.w2_floor:.3f} | "
+                         f"{r.w2_rollout_time:.1f} | {r.description} |")
+        lines.append("")
+    st = table[(table["method"] == "rollout") & (table["alpha"] == ALPHAS[0])]
+    lines += ["## Rollout schedules and cost", "",
+              "| case | mean eps | mean n_steps | mean seconds per seed (ksd + rollout) | description |",
+              "|---|---|---|---|---|"]
+    for r in st.itertuples():
+        lines.append(f"| {r.case} | {r.mean_eps:.2e} | {r.mean_n_steps:.0f} | {r.mean_seconds:.2f} | {r.description} |")
+    lines.append("")
+    if meta.get("notes"):
+        lines += ["## Notes", "", meta["notes"], ""]
+    write_text(out / "README.md", "\n".join(lines))
+
+
+NOTES_FILE = "NOTES.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fluxbench.verify.calibrate", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=100, help="seeds per case (default 100)")
+    parser.add_argument("--n", type=int, default=2000, help="samples per seed (default 2000)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"10 seeds on {len(QUICK_CASES)} cases, written to OUT/quick (about 2 minutes)")
+    parser.add_argument("--cases", default=None, help="comma-separated case names or glob patterns")
+    parser.add_argument("--out", default="results/calibration", help="output directory")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each")
+    parser.add_argument("--progress", action="store_true", help="print every seed")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for c in CASES:
+            print(f"{c.name:24s} {c.family:10s} {c.description}")
+        return 0
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    seeds = args.seeds
+    cases = [c.name for c in CASES]
+    if args.quick:
+        out = out / "quick"
+        seeds = 10 if args.seeds == 100 else args.seeds
+        cases = list(QUICK_CASES)
+    if args.cases:
+        pats = [p.strip() for p in args.cases.split(",") if p.strip()]
+        cases = [c for c in cases if any(fnmatch.fnmatch(c, p) for p in pats)]
+        if not cases:
+            parser.error(f"no case matches {args.cases!r}; see --list")
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, pv_path = out / "calibration.csv", out / "pvalues.csv"
+    existing = _read(csv_path)
+    done = set()
+    if existing is not None:
+        same = existing[(existing["n"] == args.n) & (existing["n_seeds"] == seeds)]
+        done = set(same["case"])
+    todo = [c for c in cases if c not in done]
+    command = "python -m fluxbench.verify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"Python {platform.python_version()}",
+        "threads": torch.get_num_threads(),
+        "jobs": args.jobs,
+        "n": args.n,
+        "seeds": seeds,
+    }
+    notes = out / NOTES_FILE
+    if notes.exists():
+        meta["notes"] = notes.read_text()
+    print(f"calibration: {len(todo)} case(s) to run ({len(cases) - len(todo)} already in {csv_path}), "
+          f"{seeds} seeds, N = {args.n}", flush=True)
+    elapsed: dict[str, float] = {}
+    table = existing if existing is not None else pd.DataFrame()
+    jobs = [(c, args.n, seeds, args.progress) for c in todo]
+
+    def record(name: str, rows: pd.DataFrame, pv: pd.DataFrame, secs: float) -> None:
+        nonlocal table
+        table = _append(csv_path, rows, name)
+        _append(pv_path, pv, name)
+        elapsed[name] = secs
+        order = {c.name: i for i, c in enumerate(CASES)}
+        table = table.sort_values(by=["case"], key=lambda s: s.map(order), kind="stable")
+        write_summary(out, table, command, elapsed, meta)
+        r = rows[(rows["alpha"] == ALPHAS[0])].set_index("method")["rate"]
+        print(f"[{len(elapsed)}/{len(todo)}] {name}: " + ", ".join(f"{m} {r[m]:.2f}" for m in REQUIRED_METHODS)
+              + f" (alpha {ALPHAS[0]}) in {secs:.0f} s", flush=True)
+
+    if args.jobs <= 1:
+        for job in jobs:
+            record(*_case_job(job))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.jobs) as pool:
+            for res in pool.imap_unordered(_case_job, jobs):
+                record(*res)
+    if table is not None and not table.empty:
+        write_summary(out, table, command, elapsed, meta)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

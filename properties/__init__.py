@@ -1,0 +1,1 @@
+"""Hypothesis property suite of SPEC.md (run by ``nox -s verify``)."""
