@@ -28,11 +28,13 @@ kernel sorts rows into spatial frames.
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 
 import torch
 from torch import Tensor
 
+from ..kernels import no_autocast
 from ..pairwise import (
     Frames,
     KeyFrame,
@@ -49,14 +51,11 @@ __all__ = [
     "FusedBatchKernel",
     "make_batch_kernel",
     "MOMENT_MAX_DIM",
-    "DENSE_MAX_BATCH",
 ]
 
 # Up to this dimension the fused kernel takes the moments from one attention call with
 # polynomial features (d + d(d+1)/2 + d(d+1)(d+2)/6 columns); above it from dense blocks.
 MOMENT_MAX_DIM = 4
-# backend="auto" materialises B x B blocks up to this batch size.
-DENSE_MAX_BATCH = 512
 
 
 def batch_score(z: Tensor, x: Tensor, sigma: float, *, chunk_size: int | None = None) -> Tensor:
@@ -79,6 +78,17 @@ def batch_score(z: Tensor, x: Tensor, sigma: float, *, chunk_size: int | None = 
 def _gradient_terms(s: Tensor, f: Tensor, cw: Tensor, third: Tensor, var: float) -> Tensor:
     """g_s = J_s (f - 2 s) - grad D_s from C (f - 2 s) and the contracted third moment."""
     return (cw / var - (f - 2 * s)) / var - third / var**3
+
+
+def _no_autocast(method):
+    """Run a kernel method with autocast off: pairwise sums and moments stay in fp32+."""
+
+    @functools.wraps(method)
+    def wrapper(self, first, *args):
+        with no_autocast(first.device):
+            return method(self, first, *args)
+
+    return wrapper
 
 
 class BatchKernel:
@@ -198,10 +208,12 @@ class DenseBatchKernel(BatchKernel):
         sel = torch.randperm(self.n, generator=generator, device=self.x.device)[:n_chains].sort().values
         return sel, self.n / n_chains
 
+    @_no_autocast
     def mean(self, z: Tensor) -> Tensor:
         z = z.to(self.dtype) - self.centre
         return torch.cat([self._weights(z[b]) @ self.x for b in self._blocks(z.shape[0])]) + self.centre
 
+    @_no_autocast
     def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
         y = y.to(self.dtype) - self.centre
         f = f.to(self.dtype)
@@ -214,6 +226,7 @@ class DenseBatchKernel(BatchKernel):
             cw[b], third[b] = _block_moments(w, self.x, m, f[b] - 2 * s[b], None if eps is None else eps[b])
         return s, _gradient_terms(s, f, cw, third, self.var)
 
+    @_no_autocast
     def transition_sum(self, mu, y, v, g, chains):
         mu, y, g = mu.to(self.dtype), y.to(self.dtype), g.to(self.dtype)
         out = torch.zeros_like(mu)
@@ -305,9 +318,11 @@ class FusedBatchKernel(BatchKernel):
             return None, 1.0
         return self.frames.sample_rows(per, generator), size / per
 
+    @_no_autocast
     def mean(self, z: Tensor) -> Tensor:
         return kernel_mean(z, self.x_keys, self.var, chunk_size=self.chunk)
 
+    @_no_autocast
     def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
         y = y.to(self.dtype)
         f = f.to(self.dtype)
@@ -355,6 +370,7 @@ class FusedBatchKernel(BatchKernel):
             cw[rows], third[rows] = _block_moments(w, xc, m, f[rows] - 2 * s[rows], None if eps is None else eps[rows])
         return s, cw, third
 
+    @_no_autocast
     def transition_sum(self, mu, y, v, g, chains):
         frames = self.frames
         own = frames.own if chains is None else frames.own[chains]
@@ -367,12 +383,13 @@ class FusedBatchKernel(BatchKernel):
 def make_batch_kernel(x: Tensor, sigma: float, *, backend: str = "auto", chunk_size: int | None = None) -> BatchKernel:
     """The pairwise backend for one batch: ``"dense"``, ``"fused"``, or ``"auto"``.
 
-    ``"auto"`` picks dense blocks for B <= ``DENSE_MAX_BATCH`` (per-call overheads dominate
-    there) and fused kernels above. Both compute the same sums; they differ in rounding
-    (dense uses difference-form distances and is the more accurate in float32).
+    ``"auto"`` is ``"fused"``: fused kernels win at every batch size measured (see
+    ``python -m fluxbench.bench``). Both compute the same sums and differ only in rounding:
+    dense uses difference-form distances, fused meets the bound of
+    ``fluxbench.pairwise._ROUNDING_TOL`` through local frames.
     """
     if backend == "auto":
-        backend = "dense" if x.shape[0] <= DENSE_MAX_BATCH else "fused"
+        backend = "fused"
     if backend == "dense":
         return DenseBatchKernel(x, sigma, chunk_size=chunk_size)
     if backend == "fused":

@@ -123,9 +123,9 @@ def flux_matching_loss(
             the cost of steps 2-6 scales with ``chains`` instead of B. Default: all B.
         chunk_size: at most this many query rows per pairwise block (bounds the memory
             of the B x B work; the fused backend's result does not depend on it).
-        backend: ``"dense"`` (materialised blocks, difference-form distances),
-            ``"fused"`` (fused attention kernels, nothing B x B stored) or ``"auto"``
-            (dense up to B = 512); see :mod:`fluxbench.objectives.batch_score`.
+        backend: ``"fused"`` (fused attention kernels, nothing B x B stored; the
+            default ``"auto"``) or ``"dense"`` (materialised blocks, difference-form
+            distances); see :mod:`fluxbench.objectives.batch_score`.
         generator: the source of every random draw (anchors, time, chain noise, probe).
         return_info: also return a :class:`FluxLossInfo`.
 
