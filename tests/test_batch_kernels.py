@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from fluxbench import pairwise
+import importlib
+
 from fluxbench.objectives.batch_score import DenseBatchKernel, FusedBatchKernel, batch_score
+
+batch_score_module = importlib.import_module("fluxbench.objectives.batch_score")
 
 F64 = torch.float64
 
@@ -55,8 +59,10 @@ def test_logsumexp_reference_far_from_maximum_falls_back_exactly():
 
 @pytest.fixture
 def finest_frames(monkeypatch):
-    """Float64 meets the rounding bound with one frame; force the finest grouping instead."""
+    """Float64 meets the rounding bound with one frame; force the finest grouping instead,
+    and the fused (attention) path even where one dense block would be cheaper."""
     monkeypatch.setattr(pairwise, "_ROUNDING_TOL", 0.0)
+    monkeypatch.setattr(batch_score_module, "_DENSE_PAIRS", 0)
 
 
 @pytest.mark.parametrize("n,d", [(64, 1), (203, 2), (256, 3), (96, 4), (80, 6)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -23,8 +24,10 @@ def gen(seed: int) -> torch.Generator:
 
 @pytest.fixture
 def one_frame(monkeypatch):
-    """One local frame: rows keep their order, so draws align with the reference."""
+    """One local frame: rows keep their order, so draws align with the reference. The fused
+    backend is forced onto its attention path even where a dense block would be cheaper."""
     monkeypatch.setattr(pairwise, "_MIN_GROUP", 10**9)
+    monkeypatch.setattr(importlib.import_module("fluxbench.objectives.batch_score"), "_DENSE_PAIRS", 0)
 
 
 # ---------------------------------------------------------------- reference, draw for draw

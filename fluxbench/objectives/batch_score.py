@@ -53,6 +53,9 @@ __all__ = [
     "MOMENT_MAX_DIM",
 ]
 
+# Pairwise problems up to this size are materialised in one block even by the fused
+# kernel: below it, per-call overheads cost more than the B x B arithmetic.
+_DENSE_PAIRS = 1 << 16
 # Up to this dimension the fused kernel takes the moments from one attention call with
 # polynomial features (d + d(d+1)/2 + d(d+1)(d+2)/6 columns); above it from dense blocks.
 MOMENT_MAX_DIM = 4
@@ -168,6 +171,20 @@ def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _dense_transition(
+    mu: Tensor, y: Tensor, v: float, g: Tensor, chunk: int, anchor_bias: Tensor | None = None
+) -> Tensor:
+    """sum_j softmax_i(-|mu_i - y_j|^2 / (2 v) + b_i) g_j from materialised blocks of chains."""
+    out = torch.zeros_like(mu)
+    for start in range(0, y.shape[0], chunk):
+        b = slice(start, start + chunk)
+        logits = _sq_dists(mu, y[b]).mul_(-0.5 / v)
+        if anchor_bias is not None:
+            logits += anchor_bias[:, None]
+        out += torch.softmax(logits, dim=0) @ g[b]
+    return out
+
+
 def _block_moments(w: Tensor, xc: Tensor, m: Tensor, v: Tensor, eps: Tensor | None) -> tuple[Tensor, Tensor]:
     """From a materialised weight block: C v and the contracted third central moment.
 
@@ -228,11 +245,7 @@ class DenseBatchKernel(BatchKernel):
 
     @_no_autocast
     def transition_sum(self, mu, y, v, g, chains):
-        mu, y, g = mu.to(self.dtype), y.to(self.dtype), g.to(self.dtype)
-        out = torch.zeros_like(mu)
-        for b in self._blocks(y.shape[0]):
-            out += torch.softmax(_sq_dists(mu, y[b]).mul_(-0.5 / v), dim=0) @ g[b]
-        return out
+        return _dense_transition(mu.to(self.dtype), y.to(self.dtype), v, g.to(self.dtype), self.chunk)
 
 
 @lru_cache(maxsize=None)
@@ -373,10 +386,16 @@ class FusedBatchKernel(BatchKernel):
     @_no_autocast
     def transition_sum(self, mu, y, v, g, chains):
         frames = self.frames
-        own = frames.own if chains is None else frames.own[chains]
         padding = frames.key_bias
-        logz = kernel_logsumexp(y, mu, v, own, frames=frames, key_bias=padding, chunk_size=self.chunk)
         chain_bias = None if padding is None else (padding if chains is None else padding[chains])
+        if mu.shape[0] * y.shape[0] <= _DENSE_PAIRS:
+            # small problems: one materialised block costs less than two fused calls
+            g = g.to(self.dtype)
+            if chain_bias is not None:
+                g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
+            return _dense_transition(mu.to(self.dtype), y.to(self.dtype), v, g, y.shape[0], padding)
+        own = frames.own if chains is None else frames.own[chains]
+        logz = kernel_logsumexp(y, mu, v, own, frames=frames, key_bias=padding, chunk_size=self.chunk)
         return kernel_transpose_sum(mu, y, v, logz, g, frames=frames, key_bias=chain_bias, chunk_size=self.chunk)
 
 

@@ -26,7 +26,7 @@ class FluxMatching(Objective):
 
     Args:
         noise: a float (fixed sigma), a (lo, hi) log-uniform range, or a sampler.
-        horizon, substeps, divergence, chunk_size: passed to the loss.
+        horizon, substeps, divergence, chains, chunk_size: passed to the loss.
         learn_proposal: train an exponential time proposal (else Uniform[0, H]).
         normalise: train a loss normaliser c(sigma).
     """
@@ -40,10 +40,12 @@ class FluxMatching(Objective):
         divergence: str = "hutchinson",
         learn_proposal: bool = False,
         normalise: bool = False,
+        chains: int | None = None,
         chunk_size: int | None = None,
     ):
         super().__init__()
         self.noise = as_noise(noise)
+        self.chains = chains
         self.horizon = check_positive(horizon, "horizon")
         self.substeps = check_positive_int(substeps, "substeps")
         self.divergence = divergence
@@ -61,6 +63,7 @@ class FluxMatching(Objective):
             substeps=self.substeps,
             proposal=self.proposal,
             divergence=self.divergence,
+            chains=self.chains,
             chunk_size=self.chunk_size,
             generator=generator,
             return_info=True,
