@@ -47,12 +47,15 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-@contextlib.contextmanager
-def no_autocast(device: torch.device | str) -> Iterator[None]:
-    """Disable autocast for ``device``'s type inside the block (pairwise work stays in fp32+)."""
-    device_type = torch.device(device).type
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
+def no_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Disable autocast for ``device``'s type inside the block (pairwise work stays in fp32+).
+
+    A no-op context when autocast is not active (the common case, and a hot path).
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def _upcast(x: Tensor) -> Tensor:

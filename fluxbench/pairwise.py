@@ -234,17 +234,25 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, chunk_size: int | Non
     ev = v.shape[-1]
     if ev < width:
         v = F.pad(v, (0, width - ev))
-    per = q.shape[0] if chunk_size is None else max(1, chunk_size // q.shape[1])
+    if chunk_size is None or chunk_size >= q.shape[0] * q.shape[1]:
+        return _sdpa(q, k, v, bias)[..., :ev]
+    per = max(1, chunk_size // q.shape[1])
     outs = []
     for start in range(0, q.shape[0], per):
         sl = slice(start, start + per)
-        qs, ks, vs, bs = q[sl], k[sl] if k.shape[0] > 1 else k, v[sl] if v.shape[0] > 1 else v, bias[sl]
-        mask = bs[:, None, None, :].expand(qs.shape[0], 1, qs.shape[1], ks.shape[1])
-        ks = ks.expand(qs.shape[0], -1, -1)
-        vs = vs.expand(qs.shape[0], -1, -1)
-        out = F.scaled_dot_product_attention(qs[:, None], ks[:, None], vs[:, None], attn_mask=mask, scale=1.0)
-        outs.append(out[:, 0, :, :ev])
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        ks = k[sl] if k.shape[0] > 1 else k
+        vs = v[sl] if v.shape[0] > 1 else v
+        outs.append(_sdpa(q[sl], ks, vs, bias[sl])[..., :ev])
+    return torch.cat(outs)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    g, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+    mask = bias[:, None, None, :].expand(g, 1, n_q, n_k)
+    out = F.scaled_dot_product_attention(
+        q[:, None], k.expand(g, -1, -1)[:, None], v.expand(g, -1, -1)[:, None], attn_mask=mask, scale=1.0
+    )
+    return out[:, 0]
 
 
 def _adhoc(queries: Tensor, n_keys: int, width: int) -> Frames:

@@ -174,14 +174,17 @@ def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
 def _dense_transition(
     mu: Tensor, y: Tensor, v: float, g: Tensor, chunk: int, anchor_bias: Tensor | None = None
 ) -> Tensor:
-    """sum_j softmax_i(-|mu_i - y_j|^2 / (2 v) + b_i) g_j from materialised blocks of chains."""
+    """sum_j softmax_i(-|mu_i - y_j|^2 / (2 v) + b_i) g_j from materialised blocks of chains.
+
+    Blocks are laid out (chains, anchors) so the softmax runs over contiguous memory.
+    """
     out = torch.zeros_like(mu)
     for start in range(0, y.shape[0], chunk):
         b = slice(start, start + chunk)
-        logits = _sq_dists(mu, y[b]).mul_(-0.5 / v)
+        logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
         if anchor_bias is not None:
-            logits += anchor_bias[:, None]
-        out += torch.softmax(logits, dim=0) @ g[b]
+            logits += anchor_bias
+        out += torch.softmax(logits, dim=1).T @ g[b]
     return out
 
 
@@ -346,21 +349,22 @@ class FusedBatchKernel(BatchKernel):
         feats, centre = kernel_mean(y, self.x_keys, self.var, features=self.monomials.features, chunk_size=self.chunk)
         mu, m2, cov, m3 = self.monomials.central(feats)
         s = (centre + mu - y) / self.var
-        cw = torch.einsum("nij,nj->ni", cov, f - 2 * s)
+        # small batched contractions as broadcasts: einsum's dispatch dominates at d <= 4
+        cw = (cov * (f - 2 * s)[:, None, :]).sum(-1)
         # contracted third central moment T3_abc = M3_abc - (M2 x mu)_sym3 + 2 mu_a mu_b mu_c
         if eps is None:
             tr = m2.diagonal(dim1=1, dim2=2).sum(1, keepdim=True)
             third = (
-                torch.einsum("niik->nk", m3)
+                m3.diagonal(dim1=1, dim2=2).sum(-1)
                 - tr * mu
-                - 2 * torch.einsum("nik,ni->nk", m2, mu)
+                - 2 * (m2 * mu[:, :, None]).sum(1)
                 + 2 * (mu * mu).sum(1, keepdim=True) * mu
             )
         else:
-            m2e = torch.einsum("nab,nb->na", m2, eps)
+            m2e = (m2 * eps[:, None, :]).sum(-1)
             e_mu = (eps * mu).sum(1, keepdim=True)
             third = (
-                torch.einsum("nabc,na,nb->nc", m3, eps, eps)
+                (m3 * (eps[:, :, None] * eps[:, None, :])[..., None]).sum((1, 2))
                 - (eps * m2e).sum(1, keepdim=True) * mu
                 - 2 * e_mu * m2e
                 + 2 * e_mu * e_mu * mu
