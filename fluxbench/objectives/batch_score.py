@@ -55,7 +55,7 @@ __all__ = [
 
 # Pairwise problems up to this size are materialised in one block even by the fused
 # kernel: below it, per-call overheads cost more than the B x B arithmetic.
-_DENSE_PAIRS = 1 << 16
+_DENSE_PAIRS = 65536
 # Up to this dimension the fused kernel takes the moments from one attention call with
 # polynomial features (d + d(d+1)/2 + d(d+1)(d+2)/6 columns); above it from dense blocks.
 MOMENT_MAX_DIM = 4
@@ -275,6 +275,11 @@ def moment_width(d: int) -> int:
     return d + d * (d + 1) // 2 + d * (d + 1) * (d + 2) // 6
 
 
+@lru_cache(maxsize=None)
+def _monomials(d: int, device: torch.device) -> _Monomials:
+    return _Monomials(d, device)
+
+
 class _Monomials:
     """Monomials of local coordinates up to degree 3 and the central moments they give."""
 
@@ -317,7 +322,7 @@ class FusedBatchKernel(BatchKernel):
         width = moment_width(d) if d <= MOMENT_MAX_DIM else d + 1
         self.frames = Frames(xc, n_keys=b, width=width, scale=sigma)
         self.x_keys = KeyFrame(self.frames, xc, self.var, self.dtype)
-        self.monomials = _Monomials(d, x.device) if d <= MOMENT_MAX_DIM else None
+        self.monomials = _monomials(d, x.device) if d <= MOMENT_MAX_DIM else None
 
     def rows(self, t: Tensor) -> Tensor:
         return self.frames.permute(t)

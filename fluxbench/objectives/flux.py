@@ -185,7 +185,8 @@ def flux_matching_loss(
     rho_h = math.exp(-h)
     noise_scale = sig * math.sqrt(-math.expm1(-2 * h))
     for k in range(substeps):
-        z = rho_h * z + (1 - rho_h) * m + noise_scale * normal((c, d), xc, generator)
+        noise = normal((c, d), xc, generator)
+        z = torch.mul(z, rho_h).add_(m, alpha=1 - rho_h).add_(noise, alpha=noise_scale)
         if k < substeps - 1:
             m = kern.mean(z)
     x_t = z
