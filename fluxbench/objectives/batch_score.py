@@ -161,6 +161,18 @@ class BatchKernel:
         raise NotImplementedError
 
 
+# Logits more than this far below their row's maximum are raised to it before the
+# softmax: their weight (< e^-80, under 1e-34 of the row) is invisible in any float
+# format, and it keeps exp out of the subnormal range, where CPUs slow down ~4x.
+_LOGIT_FLOOR = 80.0
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    """Row softmax of a materialised block, without subnormal intermediates (in place on logits)."""
+    torch.maximum(logits, logits.amax(1, keepdim=True) - _LOGIT_FLOOR, out=logits)
+    return torch.softmax(logits, dim=1)
+
+
 def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
     """|a_i - b_j|^2 in difference form (no cancellation), (N, M); coordinate sums for small d."""
     if a.shape[1] > 4:
@@ -176,15 +188,29 @@ def _dense_transition(
 ) -> Tensor:
     """sum_j softmax_i(-|mu_i - y_j|^2 / (2 v) + b_i) g_j from materialised blocks of chains.
 
-    Blocks are laid out (chains, anchors) so the softmax runs over contiguous memory.
+    Blocks are laid out (chains, anchors) so the softmax runs over contiguous memory. The
+    logits use the expanded form y.mu / v - |mu|^2 / (2 v) (one matrix product, the
+    per-chain constant dropped) in coordinates centred on the anchors, unless its
+    rounding, eps * R^2 / v for anchors within R of their centre, could exceed 1e-4 (tiny
+    t): then distances are taken in difference form.
     """
+    centre = mu.mean(0)
+    mu_c = mu - centre
+    sq = mu_c.square().sum(1)
+    expanded = torch.finfo(mu.dtype).eps * float(sq.max()) / v <= 1e-4
+    bias = sq.mul(-0.5 / v)
+    if anchor_bias is not None:
+        bias = bias + anchor_bias
     out = torch.zeros_like(mu)
     for start in range(0, y.shape[0], chunk):
         b = slice(start, start + chunk)
-        logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
-        if anchor_bias is not None:
-            logits += anchor_bias
-        out += torch.softmax(logits, dim=1).T @ g[b]
+        if expanded:
+            logits = torch.addmm(bias, y[b] - centre, mu_c.T, alpha=1.0 / v)
+        else:
+            logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
+            if anchor_bias is not None:
+                logits += anchor_bias
+        out.addmm_(_softmax(logits).T, g[b])
     return out
 
 
@@ -216,7 +242,7 @@ class DenseBatchKernel(BatchKernel):
         self.chunk = chunk_size or max(1, (1 << 20) // max(1, x.shape[0]))
 
     def _weights(self, z: Tensor) -> Tensor:
-        return torch.softmax(_sq_dists(z, self.x).mul_(-0.5 / self.var), dim=1)
+        return _softmax(_sq_dists(z, self.x).mul_(-0.5 / self.var))
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):
@@ -386,7 +412,7 @@ class FusedBatchKernel(BatchKernel):
             xc = self.x_keys.k[gi]  # keys in this frame's coordinates
             yc = y[rows] - frames.centres[gi].to(y.dtype)
             logits = (yc.square().sum(1, keepdim=True) - 2 * yc @ xc.T).mul_(-0.5 / var).add_(self.x_keys.bias[gi])
-            w = torch.softmax(logits, dim=1)
+            w = _softmax(logits)
             m = w @ xc
             s[rows] = (m - yc) / var
             cw[rows], third[rows] = _block_moments(w, xc, m, f[rows] - 2 * s[rows], None if eps is None else eps[rows])
