@@ -127,20 +127,23 @@ def _plot(fields, samples, reference, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     lim = float(reference.abs().max()) * 1.15
-    grid = torch.linspace(-lim, lim, 25)
+    n_grid = 60
+    grid = torch.linspace(-lim, lim, n_grid)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     pts = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
     fig, axes = plt.subplots(1, len(fields), figsize=(6 * len(fields), 5.6), squeeze=False)
     for ax, (name, field) in zip(axes[0], fields.items()):
         with torch.no_grad():
-            v = field(pts)
-        speed = v.norm(dim=1).clamp_min(1e-12)
-        u = (v / speed[:, None]).reshape(25, 25, 2)
-        ax.quiver(gx, gy, u[..., 0], u[..., 1], speed.reshape(25, 25).log(), cmap="viridis", alpha=0.8)
+            v = field(pts).reshape(n_grid, n_grid, 2)
+        speed = v.norm(dim=-1).clamp_min(1e-12)
+        ax.streamplot(
+            gx.numpy(), gy.numpy(), v[..., 0].numpy(), v[..., 1].numpy(),
+            color=speed.log().numpy(), cmap="viridis", density=1.1, linewidth=0.7, arrowsize=0.8,
+        )
         xs = samples[name]
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgray", label="target")
-        ax.scatter(xs[:, 0], xs[:, 1], s=2, c="crimson", alpha=0.5, label="Langevin samples")
-        ax.set_title(f"{name}: field direction (colour: log |f|) and samples")
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgray", label="target", zorder=2)
+        ax.scatter(xs[:, 0], xs[:, 1], s=2, c="crimson", alpha=0.5, label="Langevin samples", zorder=3)
+        ax.set_title(f"{name}: streamlines of f (colour: log |f|) and samples")
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
