@@ -4,6 +4,7 @@
     .venv/bin/nox -s tests          # unit tests (tests/)
     .venv/bin/nox -s verify         # Hypothesis property suite (properties/), ci profile
     .venv/bin/nox -s verify -- --thorough
+    .venv/bin/nox -s mutants        # mutation check of tests/ and properties/ (tools/mutants.py)
     .venv/bin/nox -s demo           # fluxbench demo
     .venv/bin/nox -s bench          # python -m fluxbench.bench
 
@@ -50,13 +51,29 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def verify(session: nox.Session) -> None:
-    """Hypothesis property tests (properties/). Pass -- --thorough for the long profile."""
+    """Hypothesis property tests (properties/), ci profile. Pass -- --thorough for the long profile.
+
+    The profile is chosen by FLUXBENCH_HYPOTHESIS_PROFILE (see properties/conftest.py):
+    ``ci`` (default, derandomized, ~2 minutes on 2 cores) or ``thorough`` (10x the examples).
+    Other arguments go to pytest.
+    """
     _require_env(session)
     args = list(session.posargs)
-    profile = "thorough" if "--thorough" in args else "ci"
+    profile = "thorough" if "--thorough" in args else os.environ.get("FLUXBENCH_HYPOTHESIS_PROFILE", "ci")
     args = [a for a in args if a != "--thorough"]
     env = {**ONE_THREAD, "FLUXBENCH_HYPOTHESIS_PROFILE": profile}
     session.run(PY, "-m", "pytest", "properties", "-n", _workers(), "-q", "-p", "no:cacheprovider", *args, env=env)
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Mutation check: deliberate faults in a temporary copy must fail tests/ or properties/.
+
+    Runs tools/mutants.py (writes results/mutants.csv; fails unless every mutant is caught).
+    Arguments go to the tool, e.g. ``nox -s mutants -- -k flux --suites properties``.
+    """
+    _require_env(session)
+    session.run(PY, "tools/mutants.py", "--workers", _workers(), *session.posargs, env=ONE_THREAD)
 
 
 @nox.session

@@ -2,8 +2,8 @@
 
 * ``ci`` (default; ``nox -s verify``): derandomized (the examples are a fixed function of
   the test, so a green run stays green), no example database, no deadline, few examples.
-  The whole suite runs in a few minutes on a 2-core machine.
-* ``thorough`` (``nox -s verify -- --thorough``): the same, with 25x the examples.
+  The whole suite runs in about two minutes on a 2-core machine.
+* ``thorough`` (``nox -s verify -- --thorough``): the same, with 10x the examples.
 * ``mutants`` (``nox -s mutants``): the ci examples without the shrink phase; a mutant only
   has to be detected, and shrinking a failure can take longer than the whole run.
 * ``explore``: not derandomized (new examples on every run, still no database), for
@@ -33,10 +33,10 @@ _COMMON = dict(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
-settings.register_profile("ci", derandomize=True, max_examples=8, **_COMMON)
+settings.register_profile("ci", derandomize=True, max_examples=20, **_COMMON)
 settings.register_profile("thorough", derandomize=True, max_examples=200, **_COMMON)
 settings.register_profile(
-    "mutants", derandomize=True, max_examples=8, phases=[Phase.explicit, Phase.generate], **_COMMON
+    "mutants", derandomize=True, max_examples=20, phases=[Phase.explicit, Phase.generate], **_COMMON
 )
 settings.register_profile("explore", derandomize=False, max_examples=50, **_COMMON)
 

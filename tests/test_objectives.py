@@ -44,10 +44,23 @@ def test_dsm_is_minimised_by_the_smoothed_score():
 
 
 def test_dsm_plain_target_identity():
-    """With f = 0 the plain loss is |xi|^2 / sigma^2, whose mean is d / sigma^2."""
+    """The plain target is -(x0 - x) / sigma^2 = -xi / sigma, draw for draw: a field returning
+    exactly that target (recomputed from the same generator) has zero loss, its negative
+    does not; with f = 0 the mean loss is d / sigma^2."""
+    x = torch.randn(500, 3, dtype=F64, generator=gen(1))
+    sigma = 0.5
+    xi = torch.randn(500, 3, dtype=F64, generator=gen(2))
+    target = {"x0": x + sigma * xi, "s": -xi / sigma}
+
+    def field(z):
+        assert torch.equal(z, target["x0"])
+        return target["s"]
+
+    assert float(dsm_loss(field, x, sigma, generator=gen(2)).abs().max()) < 1e-20
+    assert float(dsm_loss(lambda z: -field(z), x, sigma, generator=gen(2)).min()) > 0
     x = torch.zeros(50000, 3, dtype=F64)
-    loss = dsm_loss(lambda z: torch.zeros_like(z), x, 0.5, generator=gen(2))
-    assert abs(float(loss.mean()) - 3 / 0.25) < 4 * float(loss.std()) / math.sqrt(len(loss))
+    loss = dsm_loss(lambda z: torch.zeros_like(z), x, sigma, generator=gen(2))
+    assert abs(float(loss.mean()) - 3 / sigma**2) < 4 * float(loss.std()) / math.sqrt(len(loss))
 
 
 def test_dsm_batch_target_is_the_batch_score():
