@@ -230,6 +230,11 @@ def ksd_test(
 
 
 # --------------------------------------------------------------------------- rollout
+def default_n_permutations(n: int) -> int:
+    """Default permutations of the rollout's MMD test: as :func:`default_n_bootstrap` (1000 up to N = 5000)."""
+    return default_n_bootstrap(n)
+
+
 def rollout_schedule(
     field: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -309,7 +314,7 @@ def rollout_test(
     step_size: float | None = None,
     n_steps: int | None = None,
     sampler: Callable[..., Tensor] | None = None,
-    n_permutations: int = 200,
+    n_permutations: int | None = None,
     mmd_lengthscale: float | None = None,
     compute_w2: bool = True,
     w2_max_points: int = 2000,
@@ -350,7 +355,9 @@ def rollout_test(
             ``step_size`` is given: ceil(horizon / eps), clipped).
         sampler: optional ``sampler(field, x0, generator) -> x_end`` replacing Langevin
             (``step_size`` and ``n_steps`` are then only reported, as given).
-        n_permutations: permutations of the MMD test.
+        n_permutations: permutations of the MMD test; default 1000 for N <= 5000, then
+            ``max(200, 1000 (5000 / N)^2)`` (the permutation test costs O(N^2 B); 200 still
+            resolves p < 0.005, the level of each half of ``"combined"`` at alpha = 0.01).
         mmd_lengthscale: MMD lengthscale; default the median heuristic.
         compute_w2: compute the W2 and its noise floor (POT, CPU).
         w2_max_points: subsample size cap of each cloud for W2.
@@ -370,7 +377,9 @@ def rollout_test(
     x = _check_samples(samples)
     alpha = _check_alpha(alpha)
     seed = _check_seed(seed)
-    n_permutations = check_positive_int(n_permutations, "n_permutations")
+    n_permutations = (
+        default_n_permutations(x.shape[0]) if n_permutations is None else check_positive_int(n_permutations, "n_permutations")
+    )
     w2_max_points = check_positive_int(w2_max_points, "w2_max_points", minimum=2)
     if not callable(field):
         raise ValueError(f"field must be callable (N, d) -> (N, d); got {type(field).__name__}")

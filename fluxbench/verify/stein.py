@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fluxbench._random import generator_from_seed
 from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int, check_same_space
+from fluxbench._random import generator_from_seed
 from fluxbench.kernels import no_autocast, working_dtype
 
 __all__ = ["stein_kernel", "ksd2", "ksd_pass", "KSDPass", "resolve_lengthscales", "DEFAULT_LENGTHSCALE_FACTORS"]
