@@ -15,13 +15,7 @@ from fluxbench.targets import Gaussian
 from fluxbench.testing import FieldCheck, parametrize_with_checks
 from fluxbench.verify import CHECKS
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread for this module (small problems; avoids oversubscription on shared CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # d = 8: the wrong temperature 0.9 s moves the law by W2 = sqrt(8) (1/sqrt(0.9) - 1) ~ 0.15,
