@@ -238,6 +238,26 @@ def test_report_fields_str_and_reproducibility():
     assert d["method"] == "ksd" and d["p_value"] == rep.p_value
 
 
+def test_rollout_mmd_is_aggregated_over_lengthscales_on_request():
+    p = Gaussian.isotropic(2)
+    x = p.sample(300, generator=gen(9))
+    opts = dict(method="rollout", step_size=0.01, n_steps=100, seed=1, n_permutations=200)
+    plain = stationarity_test(p.score, x, **opts)
+    assert "mmd_lengthscales" not in plain.details and plain.statistic == plain.mmd2
+    factors = (0.25, 0.5, 1.0, 2.0, 4.0)
+    rep = stationarity_test(p.score, x, mmd_lengthscale_factors=factors, **opts)
+    ells = rep.details["mmd_lengthscales"]
+    assert ells == pytest.approx(tuple(c * plain.mmd_lengthscale for c in factors))
+    assert rep.mmd_lengthscale == plain.mmd_lengthscale and rep.mmd2 == pytest.approx(plain.mmd2)
+    assert rep.statistic == min(rep.details["mmd_p_value_per_lengthscale"])
+    assert rep.p_value >= rep.statistic  # the min-p is calibrated upwards, never below
+    assert "aggregated over lengthscales" in str(rep)
+    with pytest.raises(ValueError, match="mmd_lengthscale_factors is empty"):
+        stationarity_test(p.score, x, mmd_lengthscale_factors=(), **opts)
+    with pytest.raises(ValueError, match="not both"):
+        stationarity_test(p.score, x, mmd_lengthscale_factors=factors, mmd_lengthscale=1.0, **opts)
+
+
 def test_rollout_report_carries_eps_and_n_steps():
     p = Gaussian.isotropic(2)
     x = p.sample(300, generator=gen(9))
@@ -447,3 +467,13 @@ def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert calibrate.main(args) == 0
     assert "0 case(s) to run" in capsys.readouterr().out
+    # --rerun-rollout recomputes the rollout on the same samples and keeps the KSD p-values
+    before = pd.read_csv(out / "pvalues.csv").sort_values(["case", "seed"]).reset_index(drop=True)
+    pv = before.copy()
+    pv["p_ksd_sum"] = -1.0  # a marker: reused columns are read back, not recomputed
+    pv.to_csv(out / "pvalues.csv", index=False)
+    assert calibrate.main(args + ["--rerun-rollout"]) == 0
+    after = pd.read_csv(out / "pvalues.csv").sort_values(["case", "seed"]).reset_index(drop=True)
+    assert (after["p_ksd_sum"] == -1.0).all()
+    assert after["p_ksd"].tolist() == before["p_ksd"].tolist()
+    assert after["p_rollout"].tolist() == before["p_rollout"].tolist()

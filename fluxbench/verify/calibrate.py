@@ -2,6 +2,7 @@
 
     python -m fluxbench.verify.calibrate [--seeds 100] [--n 2000] [--quick] [--jobs 1]
                                          [--cases PATTERN[,PATTERN...]] [--out DIR]
+                                         [--rerun-rollout] [--refresh-w2]
 
 For every case (a target, a field, and whether the target is stationary for the field) and
 every seed, N exact samples of the target are drawn and tested with ``method="ksd"`` and
@@ -23,7 +24,9 @@ Outputs (in ``--out``, default ``results/calibration``):
 
 Results are appended per case with atomic writes (``fluxbench._io.write_text``): an
 interrupted run loses at most the case in progress, and a rerun skips the cases already
-in the CSV with the same N and number of seeds.
+in the CSV with the same N and number of seeds. ``--rerun-rollout`` recomputes the
+rollout p-values of every selected case on the same samples, reusing the stored KSD
+p-values (after a change to the rollout test only).
 
 W2 of a perturbation: ``w2_rollout`` is the exact W2 (:func:`fluxbench.metrics.w2`) between
 2000 target samples pushed through a long Langevin run of the perturbed field (schedule of
@@ -405,17 +408,32 @@ def _wrong_weights(case: Case) -> Tensor:
 
 
 # --------------------------------------------------------------------------- running a case
-def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress: bool = False) -> pd.DataFrame:
-    """All seeds of one case: a DataFrame of p-values (one row per seed)."""
+KSD_COLUMNS = ("p_ksd", "p_ksd_median", "p_ksd_sum", "ksd_seconds")
+
+
+def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress: bool = False,
+             ksd_rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """All seeds of one case: a DataFrame of p-values (one row per seed).
+
+    ``ksd_rows`` (earlier p-values of the case, one row per seed) skips the KSD test of the
+    seeds it holds and reuses its columns: the samples of a seed are the same in every run,
+    so only the rollout test is recomputed (``--rerun-rollout``).
+    """
     from fluxbench.verify.stationarity import ksd_test, rollout_test
 
     target, field, _ = make_case(case)
+    reuse = {} if ksd_rows is None else {int(r["seed"]): r for _, r in ksd_rows.iterrows()}
     rows = []
     for s in range(seed_offset, seed_offset + n_seeds):
         g = torch.Generator().manual_seed(1_000_003 * (s + 1))
         x = target.sample(n, generator=g)
         t0 = time.perf_counter()
-        rk = ksd_test(field, x, seed=s)
+        if s in reuse:
+            ksd = {k: float(reuse[s][k]) for k in KSD_COLUMNS}
+        else:
+            rk = ksd_test(field, x, seed=s)
+            ksd = {"p_ksd": rk.p_value, "p_ksd_median": rk.details.get("p_value_median", math.nan),
+                   "p_ksd_sum": rk.details["p_value_sum"], "ksd_seconds": time.perf_counter() - t0}
         t1 = time.perf_counter()
         rr = rollout_test(field, x, seed=s, compute_w2=False)
         t2 = time.perf_counter()
@@ -423,20 +441,20 @@ def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress
             {
                 "case": case.name,
                 "seed": s,
-                "p_ksd": rk.p_value,
-                "p_ksd_median": rk.details.get("p_value_median", math.nan),
-                "p_ksd_sum": rk.details["p_value_sum"],
+                "p_ksd": ksd["p_ksd"],
+                "p_ksd_median": ksd["p_ksd_median"],
+                "p_ksd_sum": ksd["p_ksd_sum"],
                 "p_rollout": rr.p_value,
-                "p_combined": min(1.0, 2.0 * min(rk.p_value, rr.p_value)),
-                "ksd_seconds": t1 - t0,
+                "p_combined": min(1.0, 2.0 * min(ksd["p_ksd"], rr.p_value)),
+                "ksd_seconds": ksd["ksd_seconds"],
                 "rollout_seconds": t2 - t1,
                 "eps": rr.eps,
                 "n_steps": rr.n_steps,
             }
         )
         if progress:
-            print(f"  {case.name} seed {s}: p_ksd {rk.p_value:.3f} p_rollout {rr.p_value:.3f} "
-                  f"({t1 - t0:.2f} s + {t2 - t1:.2f} s)", flush=True)
+            print(f"  {case.name} seed {s}: p_ksd {ksd['p_ksd']:.3f} p_rollout {rr.p_value:.3f} "
+                  f"({ksd['ksd_seconds']:.2f} s + {t2 - t1:.2f} s)", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -494,12 +512,12 @@ def summarise(case: Case, pv: pd.DataFrame, w2info: dict | None, n: int) -> pd.D
     return pd.DataFrame(rows)
 
 
-def _case_job(args: tuple[str, int, int, bool, int]) -> tuple[str, pd.DataFrame, pd.DataFrame, float]:
-    name, n, n_seeds, progress, w2_n = args
+def _case_job(args: tuple) -> tuple[str, pd.DataFrame, pd.DataFrame, float]:
+    name, n, n_seeds, progress, w2_n, ksd_rows = args
     torch.set_num_threads(1)
     case = CASE_BY_NAME[name]
     start = time.perf_counter()
-    pv = run_case(case, n=n, n_seeds=n_seeds, progress=progress)
+    pv = run_case(case, n=n, n_seeds=n_seeds, progress=progress, ksd_rows=ksd_rows)
     w2info = perturbation_w2(case, n=w2_n) if case.family != "stationary" else None
     table = summarise(case, pv, w2info, n)
     return name, table, pv, time.perf_counter() - start
@@ -633,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="print every seed")
     parser.add_argument("--w2-n", type=int, default=2000, help="points of the W2 estimates of the perturbations")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--rerun-rollout", action="store_true",
+                        help="recompute the rollout p-values of the cases already in the CSV, reusing their KSD p-values")
     parser.add_argument("--refresh-w2", action="store_true",
                         help="recompute the W2 columns of the cases already in the CSV (seeds are not rerun)")
     args = parser.parse_args(argv)
@@ -661,6 +681,12 @@ def main(argv: list[str] | None = None) -> int:
         same = existing[(existing["n"] == args.n) & (existing["n_seeds"] == seeds)]
         done = set(same["case"])
     # the perturbed cases first (they decide the design), then the stationary ones
+    ksd_reuse: dict[str, pd.DataFrame] = {}
+    if args.rerun_rollout:
+        old_pv = _read(pv_path)
+        if old_pv is not None:
+            ksd_reuse = {c: old_pv[old_pv["case"] == c] for c in done}
+        done = set()
     todo = sorted((c for c in cases if c not in done), key=lambda c: CASE_BY_NAME[c].family == "stationary")
     if args.refresh_w2:
         todo = []
@@ -686,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{seeds} seeds, N = {args.n}", flush=True)
     elapsed: dict[str, float] = {}
     table = existing if existing is not None else pd.DataFrame()
-    jobs = [(c, args.n, seeds, args.progress, args.w2_n) for c in todo]
+    jobs = [(c, args.n, seeds, args.progress, args.w2_n, ksd_reuse.get(c)) for c in todo]
 
     def record(name: str, rows: pd.DataFrame, pv: pd.DataFrame, secs: float) -> None:
         nonlocal table

@@ -26,7 +26,8 @@ class StationarityReport:
         method: ``"ksd"``, ``"rollout"`` or ``"combined"``.
         statistic: the test statistic. ksd: the largest standardised KSD^2 U-statistic
             over the lengthscales; rollout: the unbiased MMD^2 between the end cloud and
-            the held-out half; combined: the smaller of the two sub-test p-values.
+            the held-out half (with ``mmd_lengthscale_factors``: the smallest
+            per-lengthscale permutation p-value of the aggregated test); combined: the smaller of the two sub-test p-values.
         p_value: p-value in (0, 1] (combined: the Bonferroni-adjusted
             ``min(1, 2 min(p_ksd, p_rollout))``).
         alpha: the level of the test.
@@ -43,8 +44,8 @@ class StationarityReport:
         eps: rollout: the sampler's step size (None for a user sampler that was given none).
         n_steps: rollout: the number of sampler steps.
         total_time: rollout: ``eps * n_steps``.
-        mmd2: rollout: the MMD^2 statistic (same as ``statistic``).
-        mmd_lengthscale: rollout: the MMD lengthscale.
+        mmd2: rollout: the unbiased MMD^2 at ``mmd_lengthscale``.
+        mmd_lengthscale: rollout: the median-heuristic MMD lengthscale (or the one given).
         n_permutations: rollout: permutations of the MMD test.
         w2: rollout: W2 between the end cloud and the held-out half (None if not computed).
         w2_noise_floor: rollout: W2 between the held-in and held-out halves of the samples.
@@ -118,6 +119,10 @@ class StationarityReport:
                 f"  MMD^2 = {_fmt(self.mmd2)} (lengthscale {_fmt(self.mmd_lengthscale, '.3g')}, "
                 f"{self.n_permutations} permutations); W2 = {_fmt(self.w2)} vs noise floor {_fmt(self.w2_noise_floor)}"
             )
+            if "mmd_lengthscales" in self.details:
+                ells = ", ".join(f"{v:.3g}" for v in self.details["mmd_lengthscales"])
+                ps = ", ".join(f"{v:.3g}" for v in self.details["mmd_p_value_per_lengthscale"])
+                lines.append(f"  aggregated over lengthscales [{ells}]: p per lengthscale [{ps}] (min-p, permutation-calibrated)")
         if self.sub_reports:
             lines.append(f"  Bonferroni: each sub-test at alpha/2 = {self.alpha / 2:g}; reject if either rejects")
             for name, rep in self.sub_reports.items():
