@@ -504,19 +504,6 @@ def test_permutation_test_matches_exact_permutation_distribution():
     assert abs(res.p_value - p_exact) < 4 * math.sqrt(p_exact * (1 - p_exact) / b) + 1e-4
 
 
-def test_permutation_test_size_under_null():
-    # H0 true (both N(0, I_2)), N = M = 100, 100 seeds: rejection rate at alpha = 0.05 must be
-    # <= 0.05 + 3 binomial SE = 0.05 + 3 sqrt(0.05 * 0.95 / 100) = 0.115.
-    rejections = 0
-    for s in range(100):
-        g = gen(3000 + s)
-        x = torch.randn(100, 2, generator=g)
-        y = torch.randn(100, 2, generator=g)
-        _, p = mmd_permutation_test(x, y, n_permutations=200, generator=g)
-        rejections += p <= 0.05
-    assert rejections / 100 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 100)
-
-
 def test_aggregated_test_with_one_lengthscale_is_the_permutation_test():
     g = gen(7)
     x, y = torch.randn(60, 3, generator=g), 1.1 * torch.randn(50, 3, generator=g)
@@ -534,16 +521,25 @@ def test_aggregated_test_with_one_lengthscale_is_the_permutation_test():
             mmd_aggregated_test(x, y, lengthscales=bad)
 
 
-def test_aggregated_test_size_under_null():
-    # H0 true, N = M = 100, 5 lengthscales, 100 seeds: the min-p statistic is calibrated by
-    # the same permutations, so the rejection rate at alpha = 0.05 must be
-    # <= 0.05 + 3 binomial SE = 0.115 (the uncalibrated min over the 5 p-values: 0.12 here).
+@pytest.mark.parametrize(
+    "name, seed0",
+    [("permutation", 3000), ("aggregated", 5000)],
+)
+def test_mmd_tests_size_under_null(name, seed0):
+    # H0 true (both N(0, I_2)), N = M = 100, 100 seeds: rejection rate at alpha = 0.05 must be
+    # <= 0.05 + 3 binomial SE = 0.05 + 3 sqrt(0.05 * 0.95 / 100) = 0.115. The aggregated
+    # test's min-p over 5 lengthscales is calibrated by the same permutations (the
+    # uncalibrated min of the 5 p-values rejects 0.12 here).
     rejections = 0
     for s in range(100):
-        g = gen(5000 + s)
+        g = gen(seed0 + s)
         x = torch.randn(100, 2, generator=g)
         y = torch.randn(100, 2, generator=g)
-        rejections += mmd_aggregated_test(x, y, n_permutations=200, generator=g).p_value <= 0.05
+        if name == "permutation":
+            p = mmd_permutation_test(x, y, n_permutations=200, generator=g).p_value
+        else:
+            p = mmd_aggregated_test(x, y, n_permutations=200, generator=g).p_value
+        rejections += p <= 0.05
     assert rejections / 100 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 100)
 
 
