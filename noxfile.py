@@ -54,7 +54,7 @@ def verify(session: nox.Session) -> None:
     """Hypothesis property tests (properties/), ci profile. Pass -- --thorough for the long profile.
 
     The profile is chosen by FLUXBENCH_HYPOTHESIS_PROFILE (see properties/conftest.py):
-    ``ci`` (default, derandomized, ~2 minutes on 2 cores) or ``thorough`` (10x the examples).
+    ``ci`` (default, derandomized, about 20 s on 2 cores) or ``thorough`` (10x the examples).
     Other arguments go to pytest.
     """
     _require_env(session)

@@ -53,16 +53,6 @@ def assert_mean(values: Tensor, expected: float, what: str, z: float = Z, slack:
     return m, se
 
 
-def assert_mean_entries(values: Tensor, expected: Tensor, what: str, z: float = Z_ENTRIES, slack: float = 1e-12) -> None:
-    """Entry-wise version of :func:`assert_mean` for (R, ...) draws of a tensor."""
-    v = values.detach().to(F64)
-    m = v.mean(0)
-    se = v.std(0) / math.sqrt(v.shape[0])
-    err = (m - expected.to(F64)).abs()
-    bad = err > z * se + slack
-    assert not bool(bad.any()), f"{what}: mean {m.tolist()} vs expected {expected.tolist()}, SE {se.tolist()}"
-
-
 # ------------------------------------------------------------------ single-Gaussian copies
 
 #: Copies of the single-Gaussian problem (B = 1, x_1 = 0) placed this far apart along the

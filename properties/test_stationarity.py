@@ -50,13 +50,28 @@ SMOOTH_TARGETS = st.one_of(
 QUADRATURE_RTOL = 5e-3
 
 
+def _defect(field, target, x):
+    """The reference defect r = div u + u . s, u = f - s (SPEC eq. (3)), exact divergence."""
+    s = target.score(x)
+    div_u = divergence(lambda z: field(z) - target.score(z), x, method="exact")
+    return div_u + ((field(x).detach() - s) * s).sum(1)
+
+
+def _symmetric_error_field(target, e):
+    """f = s + E s: a score error with the symmetric part E."""
+
+    def field(z):
+        s = target.score(z)
+        return s + s @ e.T
+
+    return field
+
+
 def _defect_terms(field, target, x):
     """r, div(p u), and the per-point scale of the cancelling terms."""
     s = target.score(x)
     f = field(x).detach()
-    u = f - s
-    div_u = divergence(lambda z: field(z) - target.score(z), x, method="exact")
-    r = div_u + (u * s).sum(1)
+    r = _defect(field, target, x)
     p = target.log_prob(x).exp()
 
     def current(z):
@@ -85,10 +100,7 @@ def symmetric_error_margin(target, e, defect_fn) -> tuple[float, float, float]:
     ``defect_fn(field, x)`` computes r; phi = (x - m)^T E (x - m) / 2 with m the target mean.
     """
     m = target.mean
-
-    def field(z):
-        s = target.score(z)
-        return s + s @ e.T
+    field = _symmetric_error_field(target, e)
 
     def phi(x):
         return 0.5 * (((x - m) @ e) * (x - m)).sum(1)
@@ -114,21 +126,12 @@ def test_symmetric_score_error_has_a_defect_bounded_away_from_zero(target_e, see
     sqrt(E_p[r^2]) >= ||E||_F^2 / sqrt(E_p[phi^2]) > 0 (Cauchy-Schwarz): the stated margin,
     checked to the same 5e-3."""
     target, e = target_e
-
-    def field(z):
-        s = target.score(z)
-        return s + s @ e.T
-
+    field = _symmetric_error_field(target, e)
     x = target.sample(256, generator=gen(seed), dtype=F64)
     r, div_pu, p, scale = _defect_terms(field, target, x)
     assert float(((div_pu - p * r).abs() / (p * scale)).max()) <= 1e-9
-
-    def defect_fn(fld, z):
-        s = target.score(z)
-        return divergence(lambda w: fld(w) - target.score(w), z, method="exact") + ((fld(z).detach() - s) * s).sum(1)
-
     norm2 = float((e * e).sum())
-    e_rphi, rms_r, rms_phi = symmetric_error_margin(target, e, defect_fn)
+    e_rphi, rms_r, rms_phi = symmetric_error_margin(target, e, lambda fld, z: _defect(fld, target, z))
     assert abs(e_rphi - norm2) <= QUADRATURE_RTOL * norm2, (e_rphi, norm2)
     margin = norm2 / rms_phi
     assert rms_r >= margin * (1 - QUADRATURE_RTOL), f"rms r = {rms_r:.4g} below the margin ||E||^2 / rms(phi) = {margin:.4g}"

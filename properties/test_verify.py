@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from fluxbench import strategies as fst
 
 from ._helpers import F64, Z, assert_mean, examples, gen, ksd_u_statistic, stein_kernel_formula, with_norm_at_least
-from .test_stationarity import QUADRATURE_RTOL, SMOOTH_TARGETS, TARGETS, _defect_terms, symmetric_error_margin
+from .test_stationarity import (
+    QUADRATURE_RTOL,
+    SMOOTH_TARGETS,
+    TARGETS,
+    _defect_terms,
+    _symmetric_error_field,
+    symmetric_error_margin,
+)
 
 verify = pytest.importorskip("fluxbench.verify")
 _MISSING = [name for name in ("defect", "current_divergence", "stein_kernel", "ksd2") if not hasattr(verify, name)]
@@ -54,11 +61,7 @@ def test_defect_of_a_symmetric_error(target_e, seed):
     relative) and sqrt(E_p[r^2]) >= ||E||_F^2 / sqrt(E_p[phi^2]) (the margin of
     test_stationarity)."""
     target, e = target_e
-
-    def field(z):
-        s = target.score(z)
-        return s + s @ e.T
-
+    field = _symmetric_error_field(target, e)
     x = target.sample(256, generator=gen(seed), dtype=F64)
     r_ref, div_ref, p, scale = _defect_terms(field, target, x)
     r = verify.defect(field, target.score, x)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from fluxbench import pairwise
-import importlib
-
 from fluxbench.objectives.batch_score import DenseBatchKernel, FusedBatchKernel, batch_score
 
+# the module itself (fluxbench.objectives re-exports a function of the same name)
 batch_score_module = importlib.import_module("fluxbench.objectives.batch_score")
 
 F64 = torch.float64

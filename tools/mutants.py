@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxbench._io import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("properties", "tests")
 
@@ -387,11 +389,14 @@ def _run(mutants: tuple[Mutant, ...], base: Path, suites: tuple[str, ...], args:
         print(f"[{i}/{len(mutants)}] {m.name}: {'caught by ' + row['suite'] if row['caught'] else 'NOT CAUGHT'} ({row['seconds']} s)", flush=True)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
+
+    def write(fh) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+    # atomically: an interrupted write never leaves a truncated table behind
+    atomic_write(out, write)
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("mutant", "file", "caught", "suite", "seconds")}
     header = "  ".join(k.ljust(widths[k]) for k in widths) + "  first failure"
     print("\n" + header + "\n" + "-" * len(header))

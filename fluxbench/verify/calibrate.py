@@ -132,7 +132,14 @@ STRONG_ROTATION = 4.0
 ROT_SYM_EPS = 0.3
 DRIFT = 0.3
 TEMPERATURE = 0.9
+#: the wrong temperatures of the ``temp*`` fields: f = c s
+TEMPERATURES = {"temp09": TEMPERATURE, "temp07": 0.7}
 TRIANGLE_WRONG_WEIGHTS = (0.5, 0.25, 0.25)
+
+
+def _drift(d: int) -> Tensor:
+    """The constant drift b of the ``drift`` case: |b| = DRIFT along (1, ..., 1)."""
+    return DRIFT * torch.ones(d, dtype=torch.float64) / math.sqrt(d)
 
 
 class _Linear:
@@ -185,12 +192,11 @@ def make_case(case: Case):
             return (-2.0 / width) * x * scalar(x)[:, None]
 
         field, mat = RotationalField(target.score, ScalarAntisymmetric(scalar, a, grad=grad)), None
-    elif f == "temp09":
-        field, mat = _Linear(target.score, scale=TEMPERATURE), TEMPERATURE * eye
-    elif f == "temp07":
-        field, mat = _Linear(target.score, scale=0.7), 0.7 * eye
+    elif f in TEMPERATURES:
+        c = TEMPERATURES[f]
+        field, mat = _Linear(target.score, scale=c), c * eye
     elif f == "drift":
-        b = DRIFT * torch.ones(d, dtype=torch.float64) / math.sqrt(d)
+        b = _drift(d)
         field = _Linear(target.score, shift=b)
         mat = eye
         if gauss:
@@ -226,7 +232,7 @@ def _cases() -> list[Case]:
         out.append(Case(f"{t}-rot_strong", "stationary", t, "rot_strong", desc["rot_strong"]))
     pdesc = {
         "temp09": f"f = {TEMPERATURE} s (wrong temperature)",
-        "temp07": "f = 0.7 s (wrong temperature; the modes are 14x narrower than the median distance)",
+        "temp07": f"f = {TEMPERATURES['temp07']} s (wrong temperature; the modes are 14x narrower than the median distance)",
         "drift": f"f = s + b, |b| = {DRIFT} along (1, ..., 1)",
         "rot_sym": f"f = (I + {STRONG_ROTATION:g} A + {ROT_SYM_EPS} S) s, S = diag(1.5, 0.5, ...) (symmetric error under a large rotation)",
         "rot_only": "f = A s (rotation without the score: no stationary law)",
@@ -272,7 +278,7 @@ def _gaussian_stationary(target, linear) -> tuple[Tensor, Tensor] | None:
 
 
 def perturbation_w2(case: Case, *, n: int = 2000, seed: int = 99, time_factor: float = 100.0,
-                    max_steps: int = 50000, reweight_points: int = 4000) -> dict:
+                    max_steps: int = 50000) -> dict:
     """W2 between the target and the perturbed field's stationary law (see the module doc)."""
     from fluxbench.metrics import gaussian_w2, w2
     from fluxbench.samplers import langevin
@@ -387,11 +393,11 @@ def _stationary_log_ratio(case: Case, target) -> Callable[[Tensor], Tensor] | No
     """
     from fluxbench.targets import GaussianMixture
 
-    if case.field in ("temp09", "temp07"):
-        c = TEMPERATURE if case.field == "temp09" else 0.7
+    if case.field in TEMPERATURES:
+        c = TEMPERATURES[case.field]
         return lambda x: (c - 1.0) * target.log_prob(x)
     if case.field == "drift":
-        b = DRIFT * torch.ones(target.dim, dtype=torch.float64) / math.sqrt(target.dim)
+        b = _drift(target.dim)
         return lambda x: x @ b.to(x.dtype)
     if case.field == "weights":
         q = GaussianMixture(_wrong_weights(case), target.means, target.covariances)
@@ -419,7 +425,7 @@ def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress
     seeds it holds and reuses its columns: the samples of a seed are the same in every run,
     so only the rollout test is recomputed (``--rerun-rollout``).
     """
-    from fluxbench.verify.stationarity import ksd_test, rollout_test
+    from fluxbench.verify.stationarity import combined_p_value, ksd_test, rollout_test
 
     target, field, _ = make_case(case)
     reuse = {} if ksd_rows is None else {int(r["seed"]): r for _, r in ksd_rows.iterrows()}
@@ -445,7 +451,7 @@ def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress
                 "p_ksd_median": ksd["p_ksd_median"],
                 "p_ksd_sum": ksd["p_ksd_sum"],
                 "p_rollout": rr.p_value,
-                "p_combined": min(1.0, 2.0 * min(ksd["p_ksd"], rr.p_value)),
+                "p_combined": combined_p_value(ksd["p_ksd"], rr.p_value),
                 "ksd_seconds": ksd["ksd_seconds"],
                 "rollout_seconds": t2 - t1,
                 "eps": rr.eps,
@@ -539,6 +545,12 @@ def _append(path: Path, new: pd.DataFrame, case: str) -> pd.DataFrame:
     new.to_csv(buf, index=False)
     write_text(path, buf.getvalue())
     return new
+
+
+def _in_case_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by the order of :data:`CASES` (stable within a case)."""
+    order = {c.name: i for i, c in enumerate(CASES)}
+    return table.sort_values(by=["case"], key=lambda s: s.map(order), kind="stable")
 
 
 def _fmt_rate(r: pd.Series) -> str:
@@ -680,13 +692,13 @@ def main(argv: list[str] | None = None) -> int:
     if existing is not None:
         same = existing[(existing["n"] == args.n) & (existing["n_seeds"] == seeds)]
         done = set(same["case"])
-    # the perturbed cases first (they decide the design), then the stationary ones
     ksd_reuse: dict[str, pd.DataFrame] = {}
     if args.rerun_rollout:
         old_pv = _read(pv_path)
         if old_pv is not None:
             ksd_reuse = {c: old_pv[old_pv["case"] == c] for c in done}
         done = set()
+    # the perturbed cases first (they decide the design), then the stationary ones
     todo = sorted((c for c in cases if c not in done), key=lambda c: CASE_BY_NAME[c].family == "stationary")
     if args.refresh_w2:
         todo = []
@@ -719,8 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         table = _append(csv_path, rows, name)
         _append(pv_path, pv, name)
         elapsed[name] = secs
-        order = {c.name: i for i, c in enumerate(CASES)}
-        table = table.sort_values(by=["case"], key=lambda s: s.map(order), kind="stable")
+        table = _in_case_order(table)
         write_summary(out, table, command, elapsed, meta)
         r = rows[(rows["alpha"] == ALPHAS[0])].set_index("method")["rate"]
         print(f"[{len(elapsed)}/{len(todo)}] {name}: " + ", ".join(f"{m} {r[m]:.2f}" for m in REQUIRED_METHODS)
@@ -749,9 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             for res in pool.imap_unordered(_case_job, jobs):
                 record(*res)
     if table is not None and not table.empty:
-        order = {c.name: i for i, c in enumerate(CASES)}
-        table = table.sort_values(by=["case"], key=lambda s: s.map(order), kind="stable")
-        write_summary(out, table, command, elapsed, meta)
+        write_summary(out, _in_case_order(table), command, elapsed, meta)
     return 0
 
 

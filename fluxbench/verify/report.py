@@ -27,7 +27,8 @@ class StationarityReport:
         statistic: the test statistic. ksd: the largest standardised KSD^2 U-statistic
             over the lengthscales; rollout: the unbiased MMD^2 between the end cloud and
             the held-out half (with ``mmd_lengthscale_factors``: the smallest
-            per-lengthscale permutation p-value of the aggregated test); combined: the smaller of the two sub-test p-values.
+            per-lengthscale permutation p-value of the aggregated test); combined: the
+            smaller of the two sub-test p-values.
         p_value: p-value in (0, 1] (combined: the Bonferroni-adjusted
             ``min(1, 2 min(p_ksd, p_rollout))``).
         alpha: the level of the test.

@@ -29,6 +29,7 @@ from fluxbench.verify.stein import (
 
 __all__ = [
     "stationarity_test",
+    "combined_p_value",
     "ksd_test",
     "rollout_test",
     "rollout_schedule",
@@ -446,7 +447,10 @@ def rollout_test(
         factors = [check_positive(c, "MMD lengthscale factor") for c in mmd_lengthscale_factors]
         if not factors:
             raise ValueError("mmd_lengthscale_factors is empty")
-        ell = median_distance(torch.cat([end, held_out]), generator=gen)
+    ell = median_distance(torch.cat([end, held_out]), generator=gen) if mmd_lengthscale is None else check_positive(
+        mmd_lengthscale, "mmd_lengthscale"
+    )
+    if mmd_lengthscale_factors is not None:
         agg = mmd_aggregated_test(
             end, held_out, lengthscales=[c * ell for c in factors], n_permutations=n_permutations, generator=gen
         )
@@ -460,9 +464,6 @@ def rollout_test(
             "mmd_p_value_per_lengthscale": agg.p_values,
         }
     else:
-        ell = median_distance(torch.cat([end, held_out]), generator=gen) if mmd_lengthscale is None else check_positive(
-            mmd_lengthscale, "mmd_lengthscale"
-        )
         res = mmd_permutation_test(end, held_out, lengthscale=ell, n_permutations=n_permutations, generator=gen)
         p = float(res.p_value)
         mmd2 = statistic = float(res.statistic)
@@ -501,6 +502,11 @@ def rollout_test(
 
 
 # --------------------------------------------------------------------------- front door
+def combined_p_value(p_ksd: float, p_rollout: float) -> float:
+    """The p-value of ``method="combined"``: Bonferroni over the two tests, ``min(1, 2 min(p_ksd, p_rollout))``."""
+    return min(1.0, 2.0 * min(p_ksd, p_rollout))
+
+
 def stationarity_test(
     field: Callable[[Tensor], Tensor],
     samples: Tensor,
@@ -570,7 +576,7 @@ def stationarity_test(
     r_ksd = ksd_test(field, x, alpha=alpha / 2, seed=seed, **ksd_opts)  # type: ignore[arg-type]
     r_roll = rollout_test(field, x, alpha=alpha / 2, seed=seed, **roll_opts)  # type: ignore[arg-type]
     p_min = min(r_ksd.p_value, r_roll.p_value)
-    p = min(1.0, 2.0 * p_min)
+    p = combined_p_value(r_ksd.p_value, r_roll.p_value)
     return StationarityReport(
         method="combined",
         statistic=p_min,
