@@ -252,6 +252,9 @@ def test_rollout_mmd_is_aggregated_over_lengthscales_on_request():
     assert rep.statistic == min(rep.details["mmd_p_value_per_lengthscale"])
     assert rep.p_value >= rep.statistic  # the min-p is calibrated upwards, never below
     assert "aggregated over lengthscales" in str(rep)
+    # without the median in the grid there is no MMD^2 at mmd_lengthscale to report
+    off = stationarity_test(p.score, x, mmd_lengthscale_factors=(0.5, 2.0), **opts)
+    assert off.mmd2 is None and off.mmd_lengthscale == plain.mmd_lengthscale and "n/a" in str(off)
     with pytest.raises(ValueError, match="mmd_lengthscale_factors is empty"):
         stationarity_test(p.score, x, mmd_lengthscale_factors=(), **opts)
     with pytest.raises(ValueError, match="not both"):

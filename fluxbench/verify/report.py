@@ -45,7 +45,8 @@ class StationarityReport:
         eps: rollout: the sampler's step size (None for a user sampler that was given none).
         n_steps: rollout: the number of sampler steps.
         total_time: rollout: ``eps * n_steps``.
-        mmd2: rollout: the unbiased MMD^2 at ``mmd_lengthscale``.
+        mmd2: rollout: the unbiased MMD^2 at ``mmd_lengthscale`` (None for an aggregated
+            test whose grid leaves the median out).
         mmd_lengthscale: rollout: the median-heuristic MMD lengthscale (or the one given).
         n_permutations: rollout: permutations of the MMD test.
         w2: rollout: W2 between the end cloud and the held-out half (None if not computed).
