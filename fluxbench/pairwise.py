@@ -26,12 +26,22 @@ without materialising the N x M matrix. Three details make this exact and accura
   both masses sums of positive terms (no cancellation). Rows where a mass underflows
   are recomputed densely.
 
+**Two evaluation strategies, the same sums.** Fused attention kernels never hold an
+N x M block; on CPU, materialised blocks of at most ``_BLOCK`` entries are faster, because
+the exponential (the dominant cost) is then taken once per pair: the logits are the exact
+log-kernels -|z - c|^2 / (2 var) <= 0 (no running maximum, no rescaling), clamped at a
+floor above the subnormal range, and the transposed sums of step 6 need one pass instead
+of a log-partition pass plus a sum pass. :func:`use_attention` forces either strategy.
+
 Queries are passed in *frame order* (``frames.permute(z)``, or any subset with the same
 number of rows in every group, group after group), so no gather or scatter is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -47,6 +57,8 @@ __all__ = [
     "kernel_mean",
     "kernel_logsumexp",
     "kernel_transpose_sum",
+    "kernel_transition_sum",
+    "use_attention",
 ]
 
 # Keys are replicated once per frame: at most this many scalars (G * M * width) in all.
@@ -57,6 +69,42 @@ _MIN_GROUP = 16
 # moments): eps * ((r + 4 sigma) / sigma)^3 with r the largest frame radius. A worst-case
 # bound, far below the Monte Carlo error of any single loss evaluation.
 _ROUNDING_TOL = 1e-3
+
+
+# Materialised blocks (CPU strategy) hold at most this many kernel entries (4 MiB in float32).
+_BLOCK = 1 << 20
+# Expanded-form logits are used while their rounding, eps (R + 6 sqrt(var))^2 / var for
+# queries within R of their frame centre, stays below this; else difference form.
+_EXPANDED_TOL = 1e-4
+# Blocks pay for their weighted sum with a product whose cost grows with the number of
+# value columns, where attention kernels fuse it: wider sums (moments) use attention
+# (measured with python -m fluxbench.bench).
+_NARROW = 4
+# None: attention kernels except on CPU; True / False force them (see use_attention).
+_ATTENTION: bool | None = None
+
+
+@contextlib.contextmanager
+def use_attention(enabled: bool | None) -> Iterator[None]:
+    """Force fused attention kernels (True), materialised blocks (False), or the default
+    (None: blocks on CPU, attention elsewhere) inside the block. Both compute the same sums."""
+    global _ATTENTION
+    previous, _ATTENTION = _ATTENTION, enabled
+    try:
+        yield
+    finally:
+        _ATTENTION = previous
+
+
+# Below this many pairs a softmax mean costs more in per-call overhead (a block pass is
+# ~2x the tensor operations of one attention call) than the single exp pass saves.
+_BLOCKS_MIN_PAIRS = 1 << 18
+
+
+def _blocks_on(device: torch.device, pairs: int = _BLOCKS_MIN_PAIRS) -> bool:
+    if _ATTENTION is not None:
+        return not _ATTENTION
+    return device.type == "cpu" and pairs >= _BLOCKS_MIN_PAIRS
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -193,16 +241,44 @@ class KeyFrame:
     Attributes:
         k: (G, M, d) keys minus each frame centre.
         bias: (G, M) -|k|^2 / (2 var) (+ key_bias).
+        mask: (M,) 1 for keys with a finite key_bias, 0 for excluded ones; None without
+            key_bias. The materialised-block strategy accepts key biases of 0 or -inf only.
     """
 
     def __init__(self, frames: Frames, keys: Tensor, var: float, dtype: torch.dtype, key_bias: Tensor | None = None):
         self.frames = frames
         self.var = var
         self.k = keys.to(dtype)[None] - frames.centres.to(dtype)[:, None]
-        self.bias = self.k.square().sum(-1).mul_(-0.5 / var)
+        self._log_kernel_bias = self.k.square().sum(-1).mul_(-0.5 / var)
+        self.bias = self._log_kernel_bias
+        self.mask = None
         if key_bias is not None:
-            self.bias += key_bias.to(dtype)
+            key_bias = key_bias.to(dtype)
+            self.bias = self.bias + key_bias
+            self.mask = torch.isfinite(key_bias).to(dtype)
         self._cache: dict[object, Tensor] = {}
+
+    def augmented(self) -> Tensor:
+        """(G, d + 2, M) [k; 1; -|k|^2 / (2 var)]: with queries [q / var, -|q|^2 / (2 var), 1]
+        one batched product gives the log-kernel -|q - k|^2 / (2 var) (expanded form)."""
+        if "augmented" not in self._cache:
+            k = self.k
+            aug = torch.cat([k, torch.ones_like(k[..., :1]), self._log_kernel_bias[..., None]], -1)
+            self._cache["augmented"] = aug.transpose(1, 2).contiguous()
+        return self._cache["augmented"]
+
+    def masked_values(self, v: Tensor, name: object) -> Tensor:
+        """(Gv, M, e) values -> (Gv, e + 1, M): [v * mask; mask] transposed (mask 1 without key_bias).
+
+        The extra row yields each query's kernel mass over the included keys in the same
+        product as the weighted sum. Computed once per ``name``.
+        """
+        key = ("masked", name)
+        if key not in self._cache:
+            ones = torch.ones_like(v[..., :1]) if self.mask is None else self.mask[None, :, None].expand(v.shape[0], -1, 1)
+            vals = v if self.mask is None else v * ones
+            self._cache[key] = torch.cat([vals, ones], -1).transpose(1, 2).contiguous()
+        return self._cache[key]
 
     def features(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """fn(k), computed once per feature map."""
@@ -255,6 +331,135 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return out[:, 0]
 
 
+def _exp_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """(floor, margin): log-kernels are clamped at ``floor`` (exp stays a normal number:
+    subnormals slow CPUs down several-fold), and a row whose kernel mass is below
+    M exp(floor + margin) is recomputed relative to its maximum, so that the clamped
+    entries (each at most exp(floor)) change no row by more than exp(-margin) relative."""
+    return (-700.0, 40.0) if dtype == torch.float64 else (-80.0, 21.0)
+
+
+def _row_blocks(groups: int, rows: int, cols: int, chunk_size: int | None) -> Iterator[tuple[slice, slice]]:
+    """(group slice, row slice) pairs covering a (groups, rows) query grid, each block
+    holding at most ``_BLOCK`` kernel entries (and ``chunk_size`` query rows)."""
+    per = max(1, _BLOCK // max(1, cols))
+    if chunk_size is not None:
+        per = min(per, chunk_size)
+    if per >= rows:
+        step = per // rows
+        for g0 in range(0, groups, step):
+            yield slice(g0, g0 + step), slice(None)
+        return
+    for g in range(groups):
+        for r0 in range(0, rows, per):
+            yield slice(g, g + 1), slice(r0, r0 + per)
+
+
+_workspace = threading.local()
+
+
+def _block_buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat buffer of n entries reused across blocks and calls (one per thread, dtype and
+    device): a fresh multi-MiB tensor per block is page-faulted in every time, which
+    costs more than the block's arithmetic."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    buf = buffers.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = buffers[(dtype, device)] = torch.empty(max(n, _BLOCK), dtype=dtype, device=device)
+    return buf[:n]
+
+
+class _BlockKernel:
+    """Materialised blocks of the Gaussian kernel between local queries and a KeyFrame.
+
+    exp(-|q_i - k_j|^2 / (2 var)), the log-kernel <= 0 so exp never overflows, in the
+    expanded form (one batched product) when its rounding is below ``_EXPANDED_TOL``,
+    else in difference form.
+    """
+
+    def __init__(self, q: Tensor, kf: KeyFrame):
+        self.q, self.kf, self.var = q, kf, kf.var
+        self.floor, margin = _exp_limits(q.dtype)
+        self.n_keys = kf.k.shape[1]
+        self.low_mass = self.n_keys * math.exp(self.floor + margin)
+        norm = q.square().sum(-1, keepdim=True)
+        reach = math.sqrt(float(norm.amax())) + 6 * math.sqrt(self.var)
+        self.expanded = torch.finfo(q.dtype).eps * reach * reach / self.var <= _EXPANDED_TOL
+        if self.expanded:
+            self.q_aug = torch.cat([q * (1.0 / self.var), norm.mul_(-0.5 / self.var), torch.ones_like(norm)], -1)
+            self.k_aug = kf.augmented()
+
+    def _log_kernel(self, gs: slice, rs: slice) -> Tensor:
+        if self.expanded:
+            qa, ka = self.q_aug[gs, rs], self.k_aug[gs]
+            out = _block_buffer(qa.shape[0] * qa.shape[1] * ka.shape[2], qa.dtype, qa.device)
+            return torch.bmm(qa, ka, out=out.view(qa.shape[0], qa.shape[1], ka.shape[2]))
+        d2 = torch.cdist(self.q[gs, rs], self.kf.k[gs], compute_mode="donot_use_mm_for_euclid_dist")
+        return d2.square_().mul_(-0.5 / self.var)
+
+    def weights(self, gs: slice, rs: slice) -> Tensor:
+        """(g, r, M) kernel entries, exp(max(log-kernel, floor)); valid for every row whose
+        mass passes :meth:`low`."""
+        return self._log_kernel(gs, rs).clamp_(min=self.floor).exp_()
+
+    def low(self, mass: Tensor) -> bool:
+        """Whether any row's mass over the included keys is too small for the clamp."""
+        return bool((mass < self.low_mass).any())
+
+    def shifted_weights(self, gs: slice, rs: slice) -> Tensor:
+        """The block recomputed relative to each row's maximum: a positive multiple of the
+        kernel row, the same after normalisation (queries far from every key)."""
+        logits = self._log_kernel(gs, rs)
+        if self.kf.mask is not None:
+            logits.masked_fill_(self.kf.mask == 0, float("-inf"))
+        return logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=self.floor).exp_()
+
+    def mass(self, w: Tensor) -> Tensor:
+        """(g, r, 1) row sums of w over the included keys."""
+        mask = self.kf.mask
+        return w.sum(-1, keepdim=True) if mask is None else torch.matmul(w, mask[:, None])
+
+
+def _blocks_mean(q: Tensor, kf: KeyFrame, v: Tensor, name: object, chunk_size: int | None) -> Tensor:
+    """out[g, i] = sum_j w_gij v[g, j] / sum_j w_gij over included keys; q (G, l, d) local,
+    v (G or 1, M, e) -> (G, l, e)."""
+    kern = _BlockKernel(q, kf)
+    vt = kf.masked_values(v, name)  # (Gv, e + 1, M), the last row the mask
+    g_all, rows = q.shape[:2]
+    e = v.shape[-1]
+    out = q.new_empty(g_all, rows, e)
+    for gs, rs in _row_blocks(g_all, rows, kern.n_keys, chunk_size):
+        w = kern.weights(gs, rs)
+        vg = vt[gs] if vt.shape[0] > 1 else vt.expand(w.shape[0], -1, -1)
+        # (e+1, M) x (M, r): the long dimension inside, which BLAS streams best
+        res = torch.bmm(vg, w.transpose(1, 2))
+        if kern.low(res[:, e]):
+            res = torch.bmm(vg, kern.shifted_weights(gs, rs).transpose(1, 2))
+        out[gs, rs] = (res[:, :e] / res[:, e:]).transpose(1, 2)
+    return out
+
+
+def _blocks_transpose_sum(q: Tensor, kf: KeyFrame, values: Tensor, chunk_size: int | None) -> Tensor:
+    """out_j = sum_{g, i} w_gij values_gi / s_gi, s_gi = sum over included keys j of w_gij.
+
+    q (G, l, d) local queries, values (G, l, e) -> (M, e): a kernel normalised over its
+    keys, summed over its queries, in one pass.
+    """
+    kern = _BlockKernel(q, kf)
+    out = q.new_zeros(values.shape[-1], kern.n_keys)
+    for gs, rs in _row_blocks(q.shape[0], q.shape[1], kern.n_keys, chunk_size):
+        w = kern.weights(gs, rs)
+        s = kern.mass(w)
+        if kern.low(s):
+            w = kern.shifted_weights(gs, rs)
+            s = kern.mass(w)
+        coef = (values[gs, rs] / s).reshape(-1, values.shape[-1]).T.contiguous()
+        out.addmm_(coef, w.reshape(-1, kern.n_keys))
+    return out.T
+
+
 def _adhoc(queries: Tensor, n_keys: int, width: int) -> Frames:
     return Frames(queries, n_keys=n_keys, width=width)
 
@@ -298,10 +503,13 @@ def kernel_mean(
         else:
             kf, frames, zq = keys, keys.frames, queries
             dtype = kf.k.dtype
-        q = frames.local(zq.to(dtype)).mul_(1.0 / var)
+        q = frames.local(zq.to(dtype))
         v = kf.k if features is None else kf.features(features)
-        k = kf.padded(max(q.shape[-1], v.shape[-1]))
-        out = _attend(q, k, v, kf.bias, chunk_size).reshape(zq.shape[0], -1)
+        if v.shape[-1] <= _NARROW and _blocks_on(q.device, q.shape[0] * q.shape[1] * kf.k.shape[1]):
+            out = _blocks_mean(q, kf, v, features, chunk_size).reshape(zq.shape[0], -1)
+        else:
+            k = kf.padded(max(q.shape[-1], v.shape[-1]))
+            out = _attend(q.mul_(1.0 / var), k, v, kf.bias, chunk_size).reshape(zq.shape[0], -1)
         if features is None:
             out = frames.add_centres(out)
             return frames.unpermute(out) if adhoc else out
@@ -440,3 +648,50 @@ def kernel_transpose_sum(
         res = _attend(q_aug, k_aug, v, bias, chunk_size).reshape(-1, kdim + 1)
         out = res[:, :kdim] / res[:, kdim:]
     return frames.unpermute(out) if adhoc else out
+
+
+def kernel_transition_sum(
+    anchors: Tensor,
+    chains: Tensor,
+    var: float,
+    values: Tensor,
+    reference: Tensor,
+    *,
+    frames: Frames,
+    anchor_bias: Tensor | None = None,
+    chain_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Transition sums of SPEC section 2, steps 5-6, normalised over the anchors.
+
+        out_i = sum_j W_ij g_j,   W_ij = exp(-|a_i - y_j|^2 / (2 var)) / sum_i' exp(-|a_i' - y_j|^2 / (2 var))
+
+    Materialised blocks (CPU) take it in one pass over the pairs, chains as rows; fused
+    attention kernels in two (:func:`kernel_logsumexp`, then :func:`kernel_transpose_sum`).
+
+    Args:
+        anchors: (P, d) the a_i, in the frame order of ``frames``.
+        chains: (C, d) the y_j, group-major in ``frames`` (all P rows, or the same number
+            from every group as from :meth:`Frames.sample_rows`).
+        var: kernel variance, > 0.
+        values: (C, e) the g_j.
+        reference: (C,) long, for each chain an anchor with a large logit (its own).
+        frames: the grouping of both.
+        anchor_bias: optional (P,) of 0 or -inf; -inf excludes an anchor from every sum.
+        chain_bias: optional (C,) of 0 or -inf; -inf drops a chain's term.
+        chunk_size: at most this many rows per block or fused call.
+
+    Returns:
+        (P, e) in the compute dtype.
+    """
+    dtype = compute_dtype(anchors, chains, values)
+    with no_autocast(anchors.device):
+        if not _blocks_on(anchors.device):
+            logz = kernel_logsumexp(chains, anchors, var, reference, frames=frames, key_bias=anchor_bias, chunk_size=chunk_size)
+            return kernel_transpose_sum(anchors, chains, var, logz, values, frames=frames, key_bias=chain_bias, chunk_size=chunk_size)
+        g = values.to(dtype)
+        if chain_bias is not None:
+            g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
+        kf = KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias)
+        q = frames.local(chains.to(dtype))
+        return _blocks_transpose_sum(q, kf, g.view(*q.shape[:2], -1), chunk_size)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fluxbench import pairwise
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
@@ -13,3 +15,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["attention", "blocks"])
+def strategy(request):
+    """Run the test under both pairwise strategies (fused attention, materialised blocks)."""
+    with pairwise.use_attention(request.param == "attention"):
+        yield request.param

@@ -32,7 +32,7 @@ def _cloud(n, d, seed, spread=2.0, dtype=F64):
 
 @pytest.mark.parametrize("n,d", [(50, 1), (203, 2), (128, 3), (64, 7)])
 @pytest.mark.parametrize("sigma", [0.05, 0.5])
-def test_kernel_primitives_match_brute_force(n, d, sigma):
+def test_kernel_primitives_match_brute_force(strategy, n, d, sigma):
     x = _cloud(n, d, 0)
     z = x + sigma * torch.randn(n, d, generator=gen(1), dtype=F64)
     var = sigma**2
@@ -46,6 +46,74 @@ def test_kernel_primitives_match_brute_force(n, d, sigma):
     expect = torch.softmax(logits, dim=0) @ g
     got = pairwise.kernel_transpose_sum(x, z, var, torch.logsumexp(logits, 0), g)
     assert torch.allclose(got, expect, atol=1e-10 * float(g.abs().max()))
+    frames = pairwise.Frames(x)
+    got = pairwise.kernel_transition_sum(
+        frames.permute(x), frames.permute(z), var, frames.permute(g), frames.own, frames=frames,
+        anchor_bias=frames.key_bias, chain_bias=frames.key_bias,
+    )
+    assert torch.allclose(frames.unpermute(got), expect, atol=1e-10 * float(g.abs().max()))
+
+
+def _far_cloud():
+    """Keys in two clusters 40 kernel widths apart and queries 30 widths beyond each: every
+    log-kernel is below -400, so the clamped exponentials must be recomputed per row."""
+    x = torch.tensor([[0.0, 0.0], [0.3, 0.1], [40.0, 0.0], [40.2, -0.3]], dtype=torch.float32)
+    z = torch.tensor([[-30.0, 0.5], [70.0, 0.2], [-29.0, 0.0]], dtype=torch.float32)
+    return x, z
+
+
+def test_blocks_recompute_rows_far_from_every_key():
+    x, z = _far_cloud()
+    var = 1.0
+    d2 = torch.cdist(z.double(), x.double()).square()
+    with pairwise.use_attention(False):
+        got = pairwise.kernel_mean(z, x, var)
+        frames = pairwise.Frames(z)
+        g = torch.arange(6.0).view(3, 2)
+        trans = pairwise.kernel_transition_sum(
+            frames.permute(x[:3]), frames.permute(z), var, frames.permute(g), frames.own, frames=frames
+        )
+    expect = torch.softmax(-0.5 * d2 / var, dim=1) @ x.double()
+    assert torch.allclose(got.double(), expect, rtol=1e-6, atol=1e-5)
+    w = torch.softmax(-0.5 * torch.cdist(x[:3].double(), z.double()).square() / var, dim=0)
+    assert torch.allclose(frames.unpermute(trans).double(), w @ g.double(), rtol=1e-6, atol=1e-5)
+
+
+def test_blocks_choose_difference_form_when_the_expanded_form_would_round():
+    """eps (R + 6 sqrt(var))^2 / var above _EXPANDED_TOL: distances in difference form."""
+    keys = torch.zeros(3, 2)
+    frames = pairwise.Frames(keys)
+    near = pairwise._BlockKernel(torch.full((1, 4, 2), 0.1), pairwise.KeyFrame(frames, keys, 1.0, torch.float32))
+    far = pairwise._BlockKernel(torch.full((1, 4, 2), 10.0), pairwise.KeyFrame(frames, keys, 1e-2, torch.float32))
+    assert near.expanded and not far.expanded
+
+
+def test_blocks_difference_form_matches_brute_force(monkeypatch):
+    monkeypatch.setattr(pairwise, "_EXPANDED_TOL", 0.0)
+    x = _cloud(97, 3, 24)
+    z = x + 0.2 * torch.randn(97, 3, generator=gen(25), dtype=F64)
+    var = 0.04
+    with pairwise.use_attention(False):
+        got = pairwise.kernel_mean(z, x, var)
+        frames = pairwise.Frames(x)
+        g = torch.randn(97, 3, generator=gen(26), dtype=F64)
+        trans = pairwise.kernel_transition_sum(
+            frames.permute(x), frames.permute(z), var, frames.permute(g), frames.own, frames=frames,
+            anchor_bias=frames.key_bias, chain_bias=frames.key_bias,
+        )
+    assert torch.allclose(got, _brute_weights(z, x, var) @ x, atol=1e-10)
+    w = torch.softmax(-0.5 * torch.cdist(x, z).square() / var, dim=0)
+    assert torch.allclose(frames.unpermute(trans), w @ g, atol=1e-10 * float(g.abs().max()))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_blocks_do_not_depend_on_the_block_size(chunk):
+    x = _cloud(203, 2, 22)
+    z = x + 0.3 * torch.randn(203, 2, generator=gen(23), dtype=F64)
+    with pairwise.use_attention(False):
+        full = pairwise.kernel_mean(z, x, 0.09)
+        parts = pairwise.kernel_mean(z, x, 0.09, chunk_size=chunk)
+    assert torch.allclose(full, parts, atol=1e-12)
 
 
 def test_logsumexp_reference_far_from_maximum_falls_back_exactly():
@@ -69,7 +137,7 @@ def finest_frames(monkeypatch):
 @pytest.mark.parametrize("n,d", [(64, 1), (203, 2), (256, 3), (96, 4), (80, 6)])
 @pytest.mark.parametrize("sigma", [0.05, 0.7])
 @pytest.mark.parametrize("hutchinson", [True, False])
-def test_fused_and_dense_batch_kernels_agree(finest_frames, n, d, sigma, hutchinson):
+def test_fused_and_dense_batch_kernels_agree(finest_frames, strategy, n, d, sigma, hutchinson):
     x = _cloud(n, d, 3)
     dense, fused = DenseBatchKernel(x, sigma), FusedBatchKernel(x, sigma)
     assert fused.frames.n_groups > 1  # several local frames are exercised
@@ -95,7 +163,7 @@ def test_fused_and_dense_batch_kernels_agree(finest_frames, n, d, sigma, hutchin
 
 
 @pytest.mark.parametrize("kernel_cls", [DenseBatchKernel, FusedBatchKernel])
-def test_transition_sum_is_additive_over_chain_subsets(finest_frames, kernel_cls):
+def test_transition_sum_is_additive_over_chain_subsets(finest_frames, strategy, kernel_cls):
     """sum_{j in S} W_ij g_j with W normalised over all anchors: two disjoint subsets add up
     to the full sum exactly, which is what makes chain subsampling unbiased."""
     n, d, sigma = 203, 2, 0.3
@@ -152,7 +220,7 @@ def test_score_terms_match_autograd():
 
 
 @pytest.mark.parametrize("sigma", [0.02, 0.3])
-def test_float32_accuracy_against_float64(sigma):
+def test_float32_accuracy_against_float64(strategy, sigma):
     """Both backends in float32 stay within 1e-4 (relative to max |s|) of the float64 batch score at small sigma.
 
     The bound is the documented precision: rounding ~ eps_32 (R / sigma)^k with R the

@@ -36,7 +36,7 @@ def one_frame(monkeypatch):
 @pytest.mark.parametrize("backend", ["dense", "fused"])
 @pytest.mark.parametrize("d", [1, 2, 3, 6])
 @pytest.mark.parametrize("divergence", ["hutchinson", "exact"])
-def test_matches_reference_transcription(one_frame, d, divergence, backend):
+def test_matches_reference_transcription(one_frame, strategy, d, divergence, backend):
     torch.manual_seed(d)
     field = MLPField(d, hidden=(16, 16)).double()
     x = torch.randn(24, d, dtype=F64)
@@ -51,7 +51,7 @@ def test_matches_reference_transcription(one_frame, d, divergence, backend):
 
 
 @pytest.mark.parametrize("backend", ["dense", "fused"])
-def test_gradient_matches_reference(one_frame, backend):
+def test_gradient_matches_reference(one_frame, strategy, backend):
     torch.manual_seed(0)
     field = MLPField(2, hidden=(16,)).double()
     x = torch.randn(20, 2, dtype=F64)
@@ -199,7 +199,7 @@ def test_t_zero_is_finite():
 @pytest.mark.parametrize("backend", ["dense", "fused"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (F64, 1e-12)])
 @pytest.mark.parametrize("d", [2, 8])
-def test_chunked_equals_unchunked(dtype, tol, d, backend):
+def test_chunked_equals_unchunked(strategy, dtype, tol, d, backend):
     torch.manual_seed(0)
     field = MLPField(d).to(dtype)
     x = torch.randn(300, d, dtype=dtype)

@@ -39,9 +39,8 @@ from ..pairwise import (
     Frames,
     KeyFrame,
     compute_dtype,
-    kernel_logsumexp,
     kernel_mean,
-    kernel_transpose_sum,
+    kernel_transition_sum,
 )
 
 __all__ = [
@@ -53,8 +52,8 @@ __all__ = [
     "MOMENT_MAX_DIM",
 ]
 
-# Pairwise problems up to this size are materialised in one block even by the fused
-# kernel: below it, per-call overheads cost more than the B x B arithmetic.
+# Transition sums up to this many pairs are one materialised block: below it, per-call
+# overheads cost more than the B x B arithmetic.
 _DENSE_PAIRS = 65536
 # Up to this dimension the fused kernel takes the moments from one attention call with
 # polynomial features (d + d(d+1)/2 + d(d+1)(d+2)/6 columns); above it from dense blocks.
@@ -424,14 +423,15 @@ class FusedBatchKernel(BatchKernel):
         padding = frames.key_bias
         chain_bias = None if padding is None else (padding if chains is None else padding[chains])
         if mu.shape[0] * y.shape[0] <= _DENSE_PAIRS:
-            # small problems: one materialised block costs less than two fused calls
+            # small problems: one materialised softmax has the fewest tensor operations
             g = g.to(self.dtype)
             if chain_bias is not None:
                 g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
             return _dense_transition(mu.to(self.dtype), y.to(self.dtype), v, g, y.shape[0], padding)
         own = frames.own if chains is None else frames.own[chains]
-        logz = kernel_logsumexp(y, mu, v, own, frames=frames, key_bias=padding, chunk_size=self.chunk)
-        return kernel_transpose_sum(mu, y, v, logz, g, frames=frames, key_bias=chain_bias, chunk_size=self.chunk)
+        return kernel_transition_sum(
+            mu, y, v, g, own, frames=frames, anchor_bias=padding, chain_bias=chain_bias, chunk_size=self.chunk
+        )
 
 
 def make_batch_kernel(x: Tensor, sigma: float, *, backend: str = "auto", chunk_size: int | None = None) -> BatchKernel:
