@@ -74,8 +74,9 @@ _ROUNDING_TOL = 1e-3
 # Materialised blocks (CPU strategy) hold at most this many kernel entries (4 MiB in float32).
 _BLOCK = 1 << 20
 # Expanded-form logits are used while their rounding, eps (R + 6 sqrt(var))^2 / var for
-# queries within R of their frame centre, stays below this; else difference form.
-_EXPANDED_TOL = 1e-4
+# queries within R of their frame centre, stays below this (the attention strategy's
+# bound, _ROUNDING_TOL); in float64 when the inputs' dtype misses it; else difference form.
+_EXPANDED_TOL = 1e-3
 # Blocks pay for their weighted sum with a product whose cost grows with the number of
 # value columns, where attention kernels fuse it: wider sums (moments) use attention
 # (measured with python -m fluxbench.bench).
@@ -249,8 +250,7 @@ class KeyFrame:
         self.frames = frames
         self.var = var
         self.k = keys.to(dtype)[None] - frames.centres.to(dtype)[:, None]
-        self._log_kernel_bias = self.k.square().sum(-1).mul_(-0.5 / var)
-        self.bias = self._log_kernel_bias
+        self.bias = self.k.square().sum(-1).mul_(-0.5 / var)
         self.mask = None
         if key_bias is not None:
             key_bias = key_bias.to(dtype)
@@ -258,14 +258,16 @@ class KeyFrame:
             self.mask = torch.isfinite(key_bias).to(dtype)
         self._cache: dict[object, Tensor] = {}
 
-    def augmented(self) -> Tensor:
-        """(G, d + 2, M) [k; 1; -|k|^2 / (2 var)]: with queries [q / var, -|q|^2 / (2 var), 1]
-        one batched product gives the log-kernel -|q - k|^2 / (2 var) (expanded form)."""
-        if "augmented" not in self._cache:
-            k = self.k
-            aug = torch.cat([k, torch.ones_like(k[..., :1]), self._log_kernel_bias[..., None]], -1)
-            self._cache["augmented"] = aug.transpose(1, 2).contiguous()
-        return self._cache["augmented"]
+    def augmented(self, dtype: torch.dtype) -> Tensor:
+        """(G, d + 2, M) [k; 1; -|k|^2 / (2 var)] in ``dtype``: with queries
+        [q / var, -|q|^2 / (2 var), 1] one batched product gives the log-kernel
+        -|q - k|^2 / (2 var) (expanded form). Computed once per dtype."""
+        key = ("augmented", dtype)
+        if key not in self._cache:
+            k = self.k.to(dtype)
+            bias = k.square().sum(-1, keepdim=True).mul_(-0.5 / self.var)
+            self._cache[key] = torch.cat([k, torch.ones_like(bias), bias], -1).transpose(1, 2).contiguous()
+        return self._cache[key]
 
     def masked_values(self, v: Tensor, name: object) -> Tensor:
         """(Gv, M, e) values -> (Gv, e + 1, M): [v * mask; mask] transposed (mask 1 without key_bias).
@@ -358,16 +360,17 @@ def _row_blocks(groups: int, rows: int, cols: int, chunk_size: int | None) -> It
 _workspace = threading.local()
 
 
-def _block_buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _block_buffer(n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> Tensor:
     """A flat buffer of n entries reused across blocks and calls (one per thread, dtype and
     device): a fresh multi-MiB tensor per block is page-faulted in every time, which
     costs more than the block's arithmetic."""
     buffers = getattr(_workspace, "buffers", None)
     if buffers is None:
         buffers = _workspace.buffers = {}
-    buf = buffers.get((dtype, device))
+    key = (dtype, device, slot)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = buffers[(dtype, device)] = torch.empty(max(n, _BLOCK), dtype=dtype, device=device)
+        buf = buffers[key] = torch.empty(max(n, _BLOCK), dtype=dtype, device=device)
     return buf[:n]
 
 
@@ -386,16 +389,30 @@ class _BlockKernel:
         self.low_mass = self.n_keys * math.exp(self.floor + margin)
         norm = q.square().sum(-1, keepdim=True)
         reach = math.sqrt(float(norm.amax())) + 6 * math.sqrt(self.var)
-        self.expanded = torch.finfo(q.dtype).eps * reach * reach / self.var <= _EXPANDED_TOL
-        if self.expanded:
-            self.q_aug = torch.cat([q * (1.0 / self.var), norm.mul_(-0.5 / self.var), torch.ones_like(norm)], -1)
-            self.k_aug = kf.augmented()
+        # the expanded form in the inputs' dtype, else in float64, else difference form
+        self.product_dtype = next(
+            (dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / self.var <= _EXPANDED_TOL),
+            None,
+        )
+        if self.product_dtype is not None:
+            qp = q.to(self.product_dtype)
+            norm = qp.square().sum(-1, keepdim=True).mul_(-0.5 / self.var)
+            self.q_aug = torch.cat([qp * (1.0 / self.var), norm, torch.ones_like(norm)], -1)
+            self.k_aug = kf.augmented(self.product_dtype)
+
+    @property
+    def expanded(self) -> bool:
+        return self.product_dtype is not None
 
     def _log_kernel(self, gs: slice, rs: slice) -> Tensor:
         if self.expanded:
             qa, ka = self.q_aug[gs, rs], self.k_aug[gs]
-            out = _block_buffer(qa.shape[0] * qa.shape[1] * ka.shape[2], qa.dtype, qa.device)
-            return torch.bmm(qa, ka, out=out.view(qa.shape[0], qa.shape[1], ka.shape[2]))
+            shape = (qa.shape[0], qa.shape[1], ka.shape[2])
+            out = _block_buffer(math.prod(shape), qa.dtype, qa.device).view(shape)
+            torch.bmm(qa, ka, out=out)
+            if out.dtype == self.q.dtype:
+                return out
+            return _block_buffer(out.numel(), self.q.dtype, qa.device, slot=1).view(shape).copy_(out)
         d2 = torch.cdist(self.q[gs, rs], self.kf.k[gs], compute_mode="donot_use_mm_for_euclid_dist")
         return d2.square_().mul_(-0.5 / self.var)
 
@@ -460,8 +477,9 @@ def _blocks_transpose_sum(q: Tensor, kf: KeyFrame, values: Tensor, chunk_size: i
     return out.T
 
 
-def _adhoc(queries: Tensor, n_keys: int, width: int) -> Frames:
-    return Frames(queries, n_keys=n_keys, width=width)
+def _adhoc(queries: Tensor, n_keys: int, width: int, var: float) -> Frames:
+    # as few frames as the rounding bound allows: well-conditioned problems use one
+    return Frames(queries, n_keys=n_keys, width=width, scale=math.sqrt(var))
 
 
 def kernel_mean(
@@ -497,7 +515,7 @@ def kernel_mean(
     with no_autocast(queries.device):
         if adhoc:
             dtype = compute_dtype(queries, keys)
-            frames = _adhoc(queries, keys.shape[0], keys.shape[1])
+            frames = _adhoc(queries, keys.shape[0], keys.shape[1], var)
             kf = KeyFrame(frames, keys, var, dtype)
             zq = frames.permute(queries)
         else:
@@ -561,7 +579,7 @@ def kernel_logsumexp(
         c = keys.to(dtype)
         d = c.shape[1]
         if adhoc:
-            frames = _adhoc(queries, c.shape[0], d + 1)
+            frames = _adhoc(queries, c.shape[0], d + 1, var)
             zq, ref = frames.permute(queries).to(dtype), frames.permute(reference)
         else:
             zq, ref = queries.to(dtype), reference
@@ -631,7 +649,7 @@ def kernel_transpose_sum(
         y = keys.to(dtype)
         d, kdim = y.shape[1], values.shape[1]
         if adhoc:
-            frames = _adhoc(queries, y.shape[0], max(d, kdim) + 1)
+            frames = _adhoc(queries, y.shape[0], max(d, kdim) + 1, var)
         aq = (frames.permute(queries) if adhoc else queries).to(dtype)
         bias_j = -key_logz.to(dtype)
         if key_bias is not None:

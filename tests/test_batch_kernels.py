@@ -79,13 +79,40 @@ def test_blocks_recompute_rows_far_from_every_key():
     assert torch.allclose(frames.unpermute(trans).double(), w @ g.double(), rtol=1e-6, atol=1e-5)
 
 
-def test_blocks_choose_difference_form_when_the_expanded_form_would_round():
-    """eps (R + 6 sqrt(var))^2 / var above _EXPANDED_TOL: distances in difference form."""
+def test_blocks_escalate_the_expanded_form_to_float64_then_difference_form():
+    """eps (R + 6 sqrt(var))^2 / var above _EXPANDED_TOL in float32: the product in float64;
+    above it in float64 too: distances in difference form."""
     keys = torch.zeros(3, 2)
     frames = pairwise.Frames(keys)
-    near = pairwise._BlockKernel(torch.full((1, 4, 2), 0.1), pairwise.KeyFrame(frames, keys, 1.0, torch.float32))
-    far = pairwise._BlockKernel(torch.full((1, 4, 2), 10.0), pairwise.KeyFrame(frames, keys, 1e-2, torch.float32))
-    assert near.expanded and not far.expanded
+
+    def product_dtype(reach, var):
+        kf = pairwise.KeyFrame(frames, keys, var, torch.float32)
+        return pairwise._BlockKernel(torch.full((1, 4, 2), reach), kf).product_dtype
+
+    assert product_dtype(0.1, 1.0) == torch.float32
+    assert product_dtype(10.0, 1e-2) == torch.float64
+    assert product_dtype(1e3, 1e-7) is None
+
+
+def test_blocks_float64_products_keep_float32_accuracy(monkeypatch):
+    """sigma = 0.01 with frames of radius ~1 in float32: the float32 product's rounding bound
+    is ~3e-3 (it errs by 8e-7 of max |m| here); the float64 product keeps the posterior mean
+    at float32 resolution (4e-8 here; the bound asserted is 2e-7)."""
+    seen = []
+    original = pairwise._BlockKernel.__init__
+
+    def spy(self, q, kf):
+        original(self, q, kf)
+        seen.append(self.product_dtype)
+
+    monkeypatch.setattr(pairwise._BlockKernel, "__init__", spy)
+    x = _cloud(64, 2, 27, spread=1.0)
+    z = x + 0.01 * torch.randn(64, 2, generator=gen(28), dtype=F64)
+    with pairwise.use_attention(False):
+        got = pairwise.kernel_mean(z.float(), x.float(), 1e-4)
+    assert seen == [torch.float64]
+    expect = _brute_weights(z, x, 1e-4) @ x
+    assert float((got.double() - expect).abs().max()) < 2e-7 * float(expect.abs().max())
 
 
 def test_blocks_difference_form_matches_brute_force(monkeypatch):
