@@ -27,11 +27,17 @@ without materialising the N x M matrix. Three details make this exact and accura
   are recomputed densely.
 
 **Two evaluation strategies, the same sums.** Fused attention kernels never hold an
-N x M block; on CPU, materialised blocks of at most ``_BLOCK`` entries are faster, because
-the exponential (the dominant cost) is then taken once per pair: the logits are the exact
-log-kernels -|z - c|^2 / (2 var) <= 0 (no running maximum, no rescaling), clamped at a
-floor above the subnormal range, and the transposed sums of step 6 need one pass instead
-of a log-partition pass plus a sum pass. :func:`use_attention` forces either strategy.
+N x M block. Materialised blocks of at most ``_BLOCK`` entries (4 MiB, reused) take the
+exponential, the dominant cost, once per pair: their logits are the exact log-kernels
+-|z - c|^2 / (2 var) <= 0 (no running maximum, no rescaling), clamped at a floor above
+the subnormal range (rows of tiny mass are recomputed relative to their maximum), and a
+transposed sum of step 6 takes one pass instead of a log-partition pass plus a sum pass.
+On CPU, where they are faster (``python -m fluxbench.bench``: the transition sums at
+B = 4096, d = 2 take about half the time), blocks do the transposed sums and the means
+with at most ``_NARROW`` value columns over at least ``_BLOCKS_MIN_PAIRS`` pairs;
+attention does the rest, everything on other devices, and every sum whose inputs
+require gradients (blocks write into reused buffers). :func:`use_attention` forces
+either strategy (the tests run both).
 
 Queries are passed in *frame order* (``frames.permute(z)``, or any subset with the same
 number of rows in every group, group after group), so no gather or scatter is needed.
@@ -102,10 +108,12 @@ def use_attention(enabled: bool | None) -> Iterator[None]:
 _BLOCKS_MIN_PAIRS = 1 << 18
 
 
-def _blocks_on(device: torch.device, pairs: int = _BLOCKS_MIN_PAIRS) -> bool:
+def _blocks_on(device: torch.device, pairs: int, *inputs: Tensor, min_pairs: int = _BLOCKS_MIN_PAIRS) -> bool:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return False  # blocks write into reused buffers: only attention is differentiable
     if _ATTENTION is not None:
         return not _ATTENTION
-    return device.type == "cpu" and pairs >= _BLOCKS_MIN_PAIRS
+    return device.type == "cpu" and pairs >= min_pairs
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -151,6 +159,7 @@ class Frames:
     """
 
     def __init__(self, points: Tensor, *, n_keys: int | None = None, width: int = 1, scale: float | None = None):
+        points = points.detach()  # frames are constants: sums in them do not depend on them
         n, d = points.shape
         afford = max(1, _FRAME_BUDGET // max(1, (n_keys or n) * width))
         g_max = 1 << (max(1, min(n // _MIN_GROUP, afford)).bit_length() - 1)
@@ -523,7 +532,7 @@ def kernel_mean(
             dtype = kf.k.dtype
         q = frames.local(zq.to(dtype))
         v = kf.k if features is None else kf.features(features)
-        if v.shape[-1] <= _NARROW and _blocks_on(q.device, q.shape[0] * q.shape[1] * kf.k.shape[1]):
+        if v.shape[-1] <= _NARROW and _blocks_on(q.device, q.shape[0] * q.shape[1] * kf.k.shape[1], q, kf.k):
             out = _blocks_mean(q, kf, v, features, chunk_size).reshape(zq.shape[0], -1)
         else:
             k = kf.padded(max(q.shape[-1], v.shape[-1]))
@@ -704,7 +713,8 @@ def kernel_transition_sum(
     """
     dtype = compute_dtype(anchors, chains, values)
     with no_autocast(anchors.device):
-        if not _blocks_on(anchors.device):
+        # one block pass against two attention passes: blocks at every size on CPU
+        if not _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
             logz = kernel_logsumexp(chains, anchors, var, reference, frames=frames, key_bias=anchor_bias, chunk_size=chunk_size)
             return kernel_transpose_sum(anchors, chains, var, logz, values, frames=frames, key_bias=chain_bias, chunk_size=chunk_size)
         g = values.to(dtype)

@@ -133,6 +133,17 @@ def test_blocks_difference_form_matches_brute_force(monkeypatch):
     assert torch.allclose(frames.unpermute(trans), w @ g, atol=1e-10 * float(g.abs().max()))
 
 
+def test_blocks_leave_differentiable_sums_to_attention():
+    """batch_score of a query that requires gradients is differentiable under either setting."""
+    x = _cloud(40, 2, 29)
+    sigma = 0.4
+    z = (x + sigma * torch.randn(40, 2, generator=gen(30), dtype=F64)).requires_grad_(True)
+    expect = torch.autograd.grad(((_brute_weights(z, x, sigma**2) @ x - z) / sigma**2).square().sum(), z)[0]
+    with pairwise.use_attention(False):
+        got = torch.autograd.grad(batch_score(z, x, sigma).square().sum(), z)[0]
+    assert torch.allclose(got, expect, atol=1e-9 * float(expect.abs().max()))
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_blocks_do_not_depend_on_the_block_size(chunk):
     x = _cloud(203, 2, 22)

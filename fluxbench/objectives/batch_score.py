@@ -19,8 +19,9 @@ sums of SPEC step 6). Two interchangeable implementations:
 
 * :class:`DenseBatchKernel`: materialised blocks with distances in difference form. Exact
   to rounding and fastest for small batches.
-* :class:`FusedBatchKernel`: fused attention kernels in local frames
-  (``fluxbench.pairwise``); nothing B x B is stored. For large batches.
+* :class:`FusedBatchKernel`: the pairwise sums of ``fluxbench.pairwise`` in local
+  frames: fused attention kernels, or on CPU 4 MiB materialised blocks where those are
+  faster; nothing B x B is stored. The default.
 
 Both work on rows in a *working order* (``kernel.rows`` / ``kernel.restore``): the fused
 kernel sorts rows into spatial frames.
@@ -334,7 +335,7 @@ class _Monomials:
 
 
 class FusedBatchKernel(BatchKernel):
-    """Fused attention kernels in local frames (``fluxbench.pairwise``); nothing B x B is stored."""
+    """Pairwise sums in local frames (``fluxbench.pairwise``); nothing B x B is stored."""
 
     def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
         b, d = x.shape
@@ -437,7 +438,7 @@ class FusedBatchKernel(BatchKernel):
 def make_batch_kernel(x: Tensor, sigma: float, *, backend: str = "auto", chunk_size: int | None = None) -> BatchKernel:
     """The pairwise backend for one batch: ``"dense"``, ``"fused"``, or ``"auto"``.
 
-    ``"auto"`` is ``"fused"``: fused kernels win at every batch size measured (see
+    ``"auto"`` is ``"fused"``: it wins at every batch size measured (see
     ``python -m fluxbench.bench``). Both compute the same sums and differ only in rounding:
     dense uses difference-form distances, fused meets the bound of
     ``fluxbench.pairwise._ROUNDING_TOL`` through local frames.

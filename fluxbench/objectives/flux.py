@@ -21,8 +21,9 @@ What differs from the published code, all without changing the estimator's expec
 
 * the batch-score parts of grad r_hat are closed-form moments of the posterior weights
   (``batch_score.score_terms``): autograd only differentiates f, never the B x B softmax;
-* every B x B sum runs in fused, chunked attention kernels in float32 or better
-  (``fluxbench.pairwise``); nothing B x B is stored;
+* every B x B sum runs chunked in float32 or better, in fused attention kernels or (on
+  CPU) 4 MiB blocks with one exponential per pair, the transition sums of step 6 in a
+  single pass (``fluxbench.pairwise``); nothing B x B is stored;
 * s_hat(x0) is computed once and reused for the first sub-step, mu and the loss;
 * t is clamped to at least ``T_MIN`` (at t = 0 the published code divides by v = 0);
 * a sigma tensor with several distinct values is rejected.
@@ -123,9 +124,9 @@ def flux_matching_loss(
             the cost of steps 2-6 scales with ``chains`` instead of B. Default: all B.
         chunk_size: at most this many query rows per pairwise block (bounds the memory
             of the B x B work; the fused backend's result does not depend on it).
-        backend: ``"fused"`` (fused attention kernels, nothing B x B stored; the
-            default ``"auto"``) or ``"dense"`` (materialised blocks, difference-form
-            distances); see :mod:`fluxbench.objectives.batch_score`.
+        backend: ``"fused"`` (local frames, fused kernels or bounded blocks, nothing
+            B x B stored; the default ``"auto"``) or ``"dense"`` (materialised blocks,
+            difference-form distances); see :mod:`fluxbench.objectives.batch_score`.
         generator: the source of every random draw (anchors, time, chain noise, probe).
         return_info: also return a :class:`FluxLossInfo`.
 
