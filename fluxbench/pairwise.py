@@ -135,7 +135,7 @@ def _bisect(points: Tensor, groups: Tensor) -> Tensor:
 
 
 def _radius(points: Tensor, groups: Tensor) -> float:
-    pts = points[groups]
+    pts = points.detach()[groups]
     return float((pts - pts.mean(1, keepdim=True)).square().sum(-1).amax().sqrt())
 
 
@@ -159,7 +159,6 @@ class Frames:
     """
 
     def __init__(self, points: Tensor, *, n_keys: int | None = None, width: int = 1, scale: float | None = None):
-        points = points.detach()  # frames are constants: sums in them do not depend on them
         n, d = points.shape
         afford = max(1, _FRAME_BUDGET // max(1, (n_keys or n) * width))
         g_max = 1 << (max(1, min(n // _MIN_GROUP, afford)).bit_length() - 1)
