@@ -125,6 +125,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "transition weights normalised over chains instead of anchors (dense transition block)",
     ),
     Mutant(
+        "blocks_transition_unnormalised",
+        "fluxbench/pairwise.py",
+        "coef = (values[gs, rs] / s).reshape(-1, values.shape[-1]).T.contiguous()",
+        "coef = values[gs, rs].reshape(-1, values.shape[-1]).T.contiguous()",
+        "materialised-block transition sums not normalised over the anchors",
+    ),
+    Mutant(
+        "blocks_exp_floor",
+        "fluxbench/pairwise.py",
+        "return (-700.0, 40.0) if dtype == torch.float64 else (-80.0, 21.0)",
+        "return (-8.0, 40.0) if dtype == torch.float64 else (-8.0, 21.0)",
+        "materialised blocks clamp log-kernels at -8 (far keys get weight e^-8)",
+    ),
+    Mutant(
         "third_moment_sign",
         "fluxbench/objectives/batch_score.py",
         "- third / var**3",
