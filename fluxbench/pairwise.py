@@ -35,9 +35,10 @@ transposed sum of step 6 takes one pass instead of a log-partition pass plus a s
 On CPU, where they are faster (``python -m fluxbench.bench``: the transition sums at
 B = 4096, d = 2 take about half the time), blocks do the transposed sums and the means
 with at most ``_NARROW`` value columns over at least ``_BLOCKS_MIN_PAIRS`` pairs;
-attention does the rest, everything on other devices, and every sum whose inputs
-require gradients (blocks write into reused buffers). :func:`use_attention` forces
-either strategy (the tests run both).
+attention does the rest, everything on other devices, every sum whose inputs require
+gradients (blocks write into reused buffers), and the transposed sums whose blocks would
+need float64 products (see ``_EXPANDED_TOL``). :func:`use_attention` forces either
+strategy (the tests run both).
 
 Queries are passed in *frame order* (``frames.permute(z)``, or any subset with the same
 number of rows in every group, group after group), so no gather or scatter is needed.
@@ -466,13 +467,13 @@ def _blocks_mean(q: Tensor, kf: KeyFrame, v: Tensor, name: object, chunk_size: i
     return out
 
 
-def _blocks_transpose_sum(q: Tensor, kf: KeyFrame, values: Tensor, chunk_size: int | None) -> Tensor:
+def _blocks_transpose_sum(kern: _BlockKernel, values: Tensor, chunk_size: int | None) -> Tensor:
     """out_j = sum_{g, i} w_gij values_gi / s_gi, s_gi = sum over included keys j of w_gij.
 
-    q (G, l, d) local queries, values (G, l, e) -> (M, e): a kernel normalised over its
-    keys, summed over its queries, in one pass.
+    Queries (G, l, d) of ``kern``, values (G, l, e) -> (M, e): a kernel normalised over
+    its keys, summed over its queries, in one pass.
     """
-    kern = _BlockKernel(q, kf)
+    q = kern.q
     out = q.new_zeros(values.shape[-1], kern.n_keys)
     for gs, rs in _row_blocks(q.shape[0], q.shape[1], kern.n_keys, chunk_size):
         w = kern.weights(gs, rs)
@@ -712,13 +713,16 @@ def kernel_transition_sum(
     """
     dtype = compute_dtype(anchors, chains, values)
     with no_autocast(anchors.device):
-        # one block pass against two attention passes: blocks at every size on CPU
-        if not _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
-            logz = kernel_logsumexp(chains, anchors, var, reference, frames=frames, key_bias=anchor_bias, chunk_size=chunk_size)
-            return kernel_transpose_sum(anchors, chains, var, logz, values, frames=frames, key_bias=chain_bias, chunk_size=chunk_size)
-        g = values.to(dtype)
-        if chain_bias is not None:
-            g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
-        kf = KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias)
-        q = frames.local(chains.to(dtype))
-        return _blocks_transpose_sum(q, kf, g.view(*q.shape[:2], -1), chunk_size)
+        # one block pass against two attention passes: blocks at every size on CPU, unless
+        # their products would need float64 (wide frames at a narrow kernel: high d, tiny t),
+        # which costs more than the pass saved
+        if _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
+            q = frames.local(chains.to(dtype))
+            kern = _BlockKernel(q, KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias))
+            if kern.product_dtype == dtype or _ATTENTION is False:
+                g = values.to(dtype)
+                if chain_bias is not None:
+                    g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
+                return _blocks_transpose_sum(kern, g.view(*q.shape[:2], -1), chunk_size)
+        logz = kernel_logsumexp(chains, anchors, var, reference, frames=frames, key_bias=anchor_bias, chunk_size=chunk_size)
+        return kernel_transpose_sum(anchors, chains, var, logz, values, frames=frames, key_bias=chain_bias, chunk_size=chunk_size)
