@@ -403,19 +403,24 @@ class _BlockKernel:
             (dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / self.var <= _EXPANDED_TOL),
             None,
         )
-        if self.product_dtype is not None:
-            qp = q.to(self.product_dtype)
-            norm = qp.square().sum(-1, keepdim=True).mul_(-0.5 / self.var)
-            self.q_aug = torch.cat([qp * (1.0 / self.var), norm, torch.ones_like(norm)], -1)
-            self.k_aug = kf.augmented(self.product_dtype)
+        self._aug: tuple[Tensor, Tensor] | None = None  # built on first use
 
     @property
     def expanded(self) -> bool:
         return self.product_dtype is not None
 
+    def _augmented(self) -> tuple[Tensor, Tensor]:
+        if self._aug is None:
+            qp = self.q.to(self.product_dtype)
+            norm = qp.square().sum(-1, keepdim=True).mul_(-0.5 / self.var)
+            q_aug = torch.cat([qp * (1.0 / self.var), norm, torch.ones_like(norm)], -1)
+            self._aug = (q_aug, self.kf.augmented(self.product_dtype))
+        return self._aug
+
     def _log_kernel(self, gs: slice, rs: slice) -> Tensor:
         if self.expanded:
-            qa, ka = self.q_aug[gs, rs], self.k_aug[gs]
+            q_aug, k_aug = self._augmented()
+            qa, ka = q_aug[gs, rs], k_aug[gs]
             shape = (qa.shape[0], qa.shape[1], ka.shape[2])
             out = _block_buffer(math.prod(shape), qa.dtype, qa.device).view(shape)
             torch.bmm(qa, ka, out=out)
