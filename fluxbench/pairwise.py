@@ -432,12 +432,8 @@ class _BlockKernel:
 
     def weights(self, gs: slice, rs: slice) -> Tensor:
         """(g, r, M) kernel entries, exp(max(log-kernel, floor)); valid for every row whose
-        mass passes :meth:`low`."""
+        mass over the included keys is at least ``low_mass``."""
         return self._log_kernel(gs, rs).clamp_(min=self.floor).exp_()
-
-    def low(self, mass: Tensor) -> bool:
-        """Whether any row's mass over the included keys is too small for the clamp."""
-        return bool((mass < self.low_mass).any())
 
     def shifted_weights(self, gs: slice, rs: slice) -> Tensor:
         """The block recomputed relative to each row's maximum: a positive multiple of the
@@ -455,39 +451,61 @@ class _BlockKernel:
 
 def _blocks_mean(q: Tensor, kf: KeyFrame, v: Tensor, name: object, chunk_size: int | None) -> Tensor:
     """out[g, i] = sum_j w_gij v[g, j] / sum_j w_gij over included keys; q (G, l, d) local,
-    v (G or 1, M, e) -> (G, l, e)."""
+    v (G or 1, M, e) -> (G, l, e).
+
+    Every block's sums and masses land in one (G, e + 1, l) tensor; the masses are checked
+    once at the end (fewest operations per block) and blocks holding a row of tiny mass
+    are recomputed relative to each row's maximum.
+    """
     kern = _BlockKernel(q, kf)
     vt = kf.masked_values(v, name)  # (Gv, e + 1, M), the last row the mask
     g_all, rows = q.shape[:2]
     e = v.shape[-1]
-    out = q.new_empty(g_all, rows, e)
-    for gs, rs in _row_blocks(g_all, rows, kern.n_keys, chunk_size):
+    acc = q.new_empty(g_all, e + 1, rows)
+    blocks = list(_row_blocks(g_all, rows, kern.n_keys, chunk_size))
+    for gs, rs in blocks:
         w = kern.weights(gs, rs)
         vg = vt[gs] if vt.shape[0] > 1 else vt.expand(w.shape[0], -1, -1)
         # (e+1, M) x (M, r): the long dimension inside, which BLAS streams best
-        res = torch.bmm(vg, w.transpose(1, 2))
-        if kern.low(res[:, e]):
-            res = torch.bmm(vg, kern.shifted_weights(gs, rs).transpose(1, 2))
-        out[gs, rs] = (res[:, :e] / res[:, e:]).transpose(1, 2)
-    return out
+        acc[gs, :, rs] = torch.bmm(vg, w.transpose(1, 2))
+    low = acc[:, e] < kern.low_mass
+    if bool(low.any()):
+        for gs, rs in blocks:
+            if bool(low[gs, rs].any()):
+                vg = vt[gs] if vt.shape[0] > 1 else vt.expand(low[gs, rs].shape[0], -1, -1)
+                acc[gs, :, rs] = torch.bmm(vg, kern.shifted_weights(gs, rs).transpose(1, 2))
+    return (acc[:, :e] / acc[:, e:]).transpose(1, 2)
 
 
 def _blocks_transpose_sum(kern: _BlockKernel, values: Tensor, chunk_size: int | None) -> Tensor:
     """out_j = sum_{g, i} w_gij values_gi / s_gi, s_gi = sum over included keys j of w_gij.
 
     Queries (G, l, d) of ``kern``, values (G, l, e) -> (M, e): a kernel normalised over
-    its keys, summed over its queries, in one pass.
+    its keys, summed over its queries, in one pass. The masses are checked once at the
+    end; if any row's is tiny, the sum is taken again with those blocks recomputed
+    relative to each row's maximum.
     """
     q = kern.q
-    out = q.new_zeros(values.shape[-1], kern.n_keys)
-    for gs, rs in _row_blocks(q.shape[0], q.shape[1], kern.n_keys, chunk_size):
-        w = kern.weights(gs, rs)
-        s = kern.mass(w)
-        if kern.low(s):
-            w = kern.shifted_weights(gs, rs)
+    e = values.shape[-1]
+    blocks = list(_row_blocks(q.shape[0], q.shape[1], kern.n_keys, chunk_size))
+    masses = q.new_empty(q.shape[:2])
+
+    def accumulate(shifted: Tensor | None) -> Tensor:
+        out = q.new_zeros(e, kern.n_keys)
+        for gs, rs in blocks:
+            redo = shifted is not None and bool(shifted[gs, rs].any())
+            w = kern.shifted_weights(gs, rs) if redo else kern.weights(gs, rs)
             s = kern.mass(w)
-        coef = (values[gs, rs] / s).reshape(-1, values.shape[-1]).T.contiguous()
-        out.addmm_(coef, w.reshape(-1, kern.n_keys))
+            if shifted is None:
+                masses[gs, rs] = s[..., 0]
+            coef = (values[gs, rs] / s).reshape(-1, e).T.contiguous()
+            out.addmm_(coef, w.reshape(-1, kern.n_keys))
+        return out
+
+    out = accumulate(None)
+    low = masses < kern.low_mass
+    if bool(low.any()):
+        out = accumulate(low)
     return out.T
 
 
