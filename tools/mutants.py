@@ -127,9 +127,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "blocks_transition_unnormalised",
         "fluxbench/pairwise.py",
-        "coef = (values[gs, rs] / s).reshape(-1, values.shape[-1]).T.contiguous()",
-        "coef = values[gs, rs].reshape(-1, values.shape[-1]).T.contiguous()",
+        "coef = (values[gs, rs] / s).reshape(-1, e).T.contiguous()",
+        "coef = values[gs, rs].reshape(-1, e).T.contiguous()",
         "materialised-block transition sums not normalised over the anchors",
+    ),
+    Mutant(
+        "blocks_far_rows_kept",
+        "fluxbench/pairwise.py",
+        "low = acc[:, e] < kern.low_mass",
+        "low = acc[:, e] < 0",
+        "materialised-block means keep rows whose every log-kernel was clamped (no recomputation)",
     ),
     Mutant(
         "blocks_exp_floor",
