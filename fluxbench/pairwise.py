@@ -387,8 +387,9 @@ class _BlockKernel:
     """Materialised blocks of the Gaussian kernel between local queries and a KeyFrame.
 
     exp(-|q_i - k_j|^2 / (2 var)), the log-kernel <= 0 so exp never overflows, in the
-    expanded form (one batched product) when its rounding is below ``_EXPANDED_TOL``,
-    else in difference form.
+    expanded form (one batched product) when its rounding is below ``_EXPANDED_TOL`` in
+    the inputs' dtype or else in float64, otherwise in difference form (``torch.cdist``).
+    Blocks are views of a reused buffer: each is consumed before the next is computed.
     """
 
     def __init__(self, q: Tensor, kf: KeyFrame):
