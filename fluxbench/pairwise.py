@@ -529,7 +529,8 @@ def kernel_mean(
 
     with a_i the centre of query i's local frame. With ``features=None``, phi is the
     identity and the frame is added back: ``out_i = sum_j w_ij c_j`` is the posterior
-    mean m(z_i) of the smoothed empirical measure.
+    mean m(z_i) of the smoothed empirical measure. Materialised blocks or fused
+    attention, as the module docstring says; the two agree to rounding.
 
     Args:
         queries: (Q, d) points z. With a :class:`KeyFrame`, they are group-major in its
@@ -538,7 +539,7 @@ def kernel_mean(
         keys: (M, d) centres c, or a :class:`KeyFrame` of them (reused across calls).
         var: kernel variance (sigma^2, not sigma), > 0.
         features: optional map (..., d) -> (..., k) applied to keys in local coordinates.
-        chunk_size: at most this many queries per fused call.
+        chunk_size: at most this many queries per fused call or block.
 
     Returns:
         (Q, d) posterior means, or with ``features`` a pair ((Q, k) feature means,
