@@ -88,6 +88,9 @@ _EXPANDED_TOL = 1e-3
 # value columns, where attention kernels fuse it: wider sums (moments) use attention
 # (measured with python -m fluxbench.bench).
 _NARROW = 4
+# Below this many pairs a softmax mean costs more in per-call overhead (a block pass is
+# ~2x the tensor operations of one attention call) than the single exp pass saves.
+_BLOCKS_MIN_PAIRS = 1 << 18
 # None: attention kernels except on CPU; True / False force them (see use_attention).
 _ATTENTION: bool | None = None
 
@@ -102,11 +105,6 @@ def use_attention(enabled: bool | None) -> Iterator[None]:
         yield
     finally:
         _ATTENTION = previous
-
-
-# Below this many pairs a softmax mean costs more in per-call overhead (a block pass is
-# ~2x the tensor operations of one attention call) than the single exp pass saves.
-_BLOCKS_MIN_PAIRS = 1 << 18
 
 
 def _blocks_on(device: torch.device, pairs: int, *inputs: Tensor, min_pairs: int = _BLOCKS_MIN_PAIRS) -> bool:
@@ -383,6 +381,14 @@ def _block_buffer(n: int, dtype: torch.dtype, device: torch.device, slot: int = 
     return buf[:n]
 
 
+def _product_dtype(q: Tensor, var: float) -> torch.dtype | None:
+    """The dtype of the expanded-form log-kernel product for local queries q (..., d):
+    q's own while its rounding eps (R + 6 sqrt(var))^2 / var (R the largest |q|) is within
+    ``_EXPANDED_TOL``, else float64 if that is, else None (difference form)."""
+    reach = math.sqrt(float(q.square().sum(-1).amax())) + 6 * math.sqrt(var)
+    return next((dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / var <= _EXPANDED_TOL), None)
+
+
 class _BlockKernel:
     """Materialised blocks of the Gaussian kernel between local queries and a KeyFrame.
 
@@ -392,18 +398,12 @@ class _BlockKernel:
     Blocks are views of a reused buffer: each is consumed before the next is computed.
     """
 
-    def __init__(self, q: Tensor, kf: KeyFrame):
+    def __init__(self, q: Tensor, kf: KeyFrame, product_dtype: torch.dtype | None):
         self.q, self.kf, self.var = q, kf, kf.var
         self.floor, margin = _exp_limits(q.dtype)
         self.n_keys = kf.k.shape[1]
         self.low_mass = self.n_keys * math.exp(self.floor + margin)
-        norm = q.square().sum(-1, keepdim=True)
-        reach = math.sqrt(float(norm.amax())) + 6 * math.sqrt(self.var)
-        # the expanded form in the inputs' dtype, else in float64, else difference form
-        self.product_dtype = next(
-            (dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / self.var <= _EXPANDED_TOL),
-            None,
-        )
+        self.product_dtype = product_dtype  # from _product_dtype(q, var)
         self._aug: tuple[Tensor, Tensor] | None = None  # built on first use
 
     @property
@@ -444,6 +444,12 @@ class _BlockKernel:
             logits.masked_fill_(self.kf.mask == 0, float("-inf"))
         return logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=self.floor).exp_()
 
+    def block(self, gs: slice, rs: slice, low: Tensor | None = None) -> Tensor:
+        """:meth:`weights`, or :meth:`shifted_weights` where ``low`` (G, l) marks a row of the block."""
+        if low is not None and bool(low[gs, rs].any()):
+            return self.shifted_weights(gs, rs)
+        return self.weights(gs, rs)
+
     def mass(self, w: Tensor) -> Tensor:
         """(g, r, 1) row sums of w over the included keys."""
         mask = self.kf.mask
@@ -458,23 +464,25 @@ def _blocks_mean(q: Tensor, kf: KeyFrame, v: Tensor, name: object, chunk_size: i
     once at the end (fewest operations per block) and blocks holding a row of tiny mass
     are recomputed relative to each row's maximum.
     """
-    kern = _BlockKernel(q, kf)
+    kern = _BlockKernel(q, kf, _product_dtype(q, kf.var))
     vt = kf.masked_values(v, name)  # (Gv, e + 1, M), the last row the mask
     g_all, rows = q.shape[:2]
     e = v.shape[-1]
     acc = q.new_empty(g_all, e + 1, rows)
     blocks = list(_row_blocks(g_all, rows, kern.n_keys, chunk_size))
-    for gs, rs in blocks:
-        w = kern.weights(gs, rs)
-        vg = vt[gs] if vt.shape[0] > 1 else vt.expand(w.shape[0], -1, -1)
-        # (e+1, M) x (M, r): the long dimension inside, which BLAS streams best
-        acc[gs, :, rs] = torch.bmm(vg, w.transpose(1, 2))
+
+    def fill(low: Tensor | None) -> None:
+        for gs, rs in blocks:
+            if low is None or bool(low[gs, rs].any()):
+                w = kern.block(gs, rs, low)
+                vg = vt[gs] if vt.shape[0] > 1 else vt.expand(w.shape[0], -1, -1)
+                # (e+1, M) x (M, r): the long dimension inside, which BLAS streams best
+                acc[gs, :, rs] = torch.bmm(vg, w.transpose(1, 2))
+
+    fill(None)
     low = acc[:, e] < kern.low_mass
     if bool(low.any()):
-        for gs, rs in blocks:
-            if bool(low[gs, rs].any()):
-                vg = vt[gs] if vt.shape[0] > 1 else vt.expand(low[gs, rs].shape[0], -1, -1)
-                acc[gs, :, rs] = torch.bmm(vg, kern.shifted_weights(gs, rs).transpose(1, 2))
+        fill(low)
     return (acc[:, :e] / acc[:, e:]).transpose(1, 2)
 
 
@@ -491,13 +499,12 @@ def _blocks_transpose_sum(kern: _BlockKernel, values: Tensor, chunk_size: int | 
     blocks = list(_row_blocks(q.shape[0], q.shape[1], kern.n_keys, chunk_size))
     masses = q.new_empty(q.shape[:2])
 
-    def accumulate(shifted: Tensor | None) -> Tensor:
+    def accumulate(low: Tensor | None) -> Tensor:
         out = q.new_zeros(e, kern.n_keys)
         for gs, rs in blocks:
-            redo = shifted is not None and bool(shifted[gs, rs].any())
-            w = kern.shifted_weights(gs, rs) if redo else kern.weights(gs, rs)
+            w = kern.block(gs, rs, low)
             s = kern.mass(w)
-            if shifted is None:
+            if low is None:
                 masses[gs, rs] = s[..., 0]
             coef = (values[gs, rs] / s).reshape(-1, e).T.contiguous()
             out.addmm_(coef, w.reshape(-1, kern.n_keys))
@@ -743,8 +750,9 @@ def kernel_transition_sum(
         # which costs more than the pass saved
         if _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
             q = frames.local(chains.to(dtype))
-            kern = _BlockKernel(q, KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias))
-            if kern.product_dtype == dtype or _ATTENTION is False:
+            product_dtype = _product_dtype(q, var)
+            if product_dtype == dtype or _ATTENTION is False:
+                kern = _BlockKernel(q, KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias), product_dtype)
                 g = values.to(dtype)
                 if chain_bias is not None:
                     g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)

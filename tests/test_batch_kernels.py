@@ -82,12 +82,8 @@ def test_blocks_recompute_rows_far_from_every_key():
 def test_blocks_escalate_the_expanded_form_to_float64_then_difference_form():
     """eps (R + 6 sqrt(var))^2 / var above _EXPANDED_TOL in float32: the product in float64;
     above it in float64 too: distances in difference form."""
-    keys = torch.zeros(3, 2)
-    frames = pairwise.Frames(keys)
-
     def product_dtype(reach, var):
-        kf = pairwise.KeyFrame(frames, keys, var, torch.float32)
-        return pairwise._BlockKernel(torch.full((1, 4, 2), reach), kf).product_dtype
+        return pairwise._product_dtype(torch.full((1, 4, 2), reach), var)
 
     assert product_dtype(0.1, 1.0) == torch.float32
     assert product_dtype(10.0, 1e-2) == torch.float64
@@ -101,8 +97,8 @@ def test_blocks_float64_products_keep_float32_accuracy(monkeypatch):
     seen = []
     original = pairwise._BlockKernel.__init__
 
-    def spy(self, q, kf):
-        original(self, q, kf)
+    def spy(self, q, kf, product_dtype):
+        original(self, q, kf, product_dtype)
         seen.append(self.product_dtype)
 
     monkeypatch.setattr(pairwise._BlockKernel, "__init__", spy)
