@@ -35,10 +35,12 @@ transposed sum of step 6 takes one pass instead of a log-partition pass plus a s
 On CPU, where they are faster (``python -m fluxbench.bench``: the transition sums at
 B = 4096, d = 2 take about half the time), blocks do the transposed sums and the means
 with at most ``_NARROW`` value columns over at least ``_BLOCKS_MIN_PAIRS`` pairs;
-attention does the rest, everything on other devices, every sum whose inputs require
-gradients (blocks write into reused buffers), and the transposed sums whose blocks would
-need float64 products (see ``_EXPANDED_TOL``). :func:`use_attention` forces either
-strategy (the tests run both).
+attention does the rest, everything on other devices, and every sum whose inputs require
+gradients (blocks write into reused buffers). One exception on every device: a transition
+kernel much narrower than the frames were sized for (small t) is beyond the expanded
+form's float32 rounding, so its sums always take blocks, with float64 products or
+distances in difference form (see ``_EXPANDED_TOL``). :func:`use_attention` forces
+either strategy elsewhere (the tests run both).
 
 Queries are passed in *frame order* (``frames.permute(z)``, or any subset with the same
 number of rows in every group, group after group), so no gather or scatter is needed.
@@ -98,7 +100,8 @@ _ATTENTION: bool | None = None
 @contextlib.contextmanager
 def use_attention(enabled: bool | None) -> Iterator[None]:
     """Force fused attention kernels (True), materialised blocks (False), or the default
-    (None: blocks on CPU, attention elsewhere) inside the block. Both compute the same sums."""
+    (None: blocks on CPU, attention elsewhere) inside the block. Both compute the same sums;
+    transition sums too narrow for attention's rounding take blocks under every setting."""
     global _ATTENTION
     previous, _ATTENTION = _ATTENTION, enabled
     try:
@@ -385,7 +388,7 @@ def _product_dtype(q: Tensor, var: float) -> torch.dtype | None:
     """The dtype of the expanded-form log-kernel product for local queries q (..., d):
     q's own while its rounding eps (R + 6 sqrt(var))^2 / var (R the largest |q|) is within
     ``_EXPANDED_TOL``, else float64 if that is, else None (difference form)."""
-    reach = math.sqrt(float(q.square().sum(-1).amax())) + 6 * math.sqrt(var)
+    reach = math.sqrt(float(q.detach().square().sum(-1).amax())) + 6 * math.sqrt(var)
     return next((dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / var <= _EXPANDED_TOL), None)
 
 
@@ -727,6 +730,9 @@ def kernel_transition_sum(
 
     Materialised blocks (CPU) take it in one pass over the pairs, chains as rows; fused
     attention kernels in two (:func:`kernel_logsumexp`, then :func:`kernel_transpose_sum`).
+    A kernel too narrow for the expanded form's rounding in the inputs' dtype on these
+    frames (small var: small t in Flux Matching) takes blocks on every device, with float64
+    products or distances in difference form.
 
     Args:
         anchors: (P, d) the a_i, in the frame order of ``frames``.
@@ -742,20 +748,33 @@ def kernel_transition_sum(
 
     Returns:
         (P, e) in the compute dtype.
+
+    Raises:
+        ValueError: for a kernel that narrow when an input requires gradients (blocks are
+            not differentiable).
     """
     dtype = compute_dtype(anchors, chains, values)
     with no_autocast(anchors.device):
-        # one block pass against two attention passes: blocks at every size on CPU, unless
-        # their products would need float64 (wide frames at a narrow kernel: high d, tiny t),
-        # which costs more than the pass saved
-        if _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
-            q = frames.local(chains.to(dtype))
-            product_dtype = _product_dtype(q, var)
-            if product_dtype == dtype or _ATTENTION is False:
-                kern = _BlockKernel(q, KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias), product_dtype)
-                g = values.to(dtype)
-                if chain_bias is not None:
-                    g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
-                return _blocks_transpose_sum(kern, g.view(*q.shape[:2], -1), chunk_size)
+        q = frames.local(chains.to(dtype))
+        product_dtype = _product_dtype(q, var)
+        # The frames are sized for the data's kernel; a transition kernel is narrower (var
+        # -> 0 as t -> 0), and the expanded form attention evaluates then loses the weights
+        # (at t = 1e-4, d = 64 it errs by more than the sum itself): there only blocks, with
+        # float64 products or distances in difference form, are exact. Elsewhere one block
+        # pass against two attention passes: blocks wherever _blocks_on chooses them.
+        escalate = product_dtype != dtype
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (anchors, chains, values))
+        if escalate and differentiable:
+            raise ValueError(
+                f"kernel_transition_sum: var={var:g} is too narrow for the expanded form in {dtype} on these frames "
+                "(rounding bound above _EXPANDED_TOL), and the exact block strategy is not differentiable; "
+                "detach the inputs or pass float64 ones with frames built for this var"
+            )
+        if escalate or _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
+            kern = _BlockKernel(q, KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias), product_dtype)
+            g = values.to(dtype)
+            if chain_bias is not None:
+                g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
+            return _blocks_transpose_sum(kern, g.view(*q.shape[:2], -1), chunk_size)
         logz = kernel_logsumexp(chains, anchors, var, reference, frames=frames, key_bias=anchor_bias, chunk_size=chunk_size)
         return kernel_transpose_sum(anchors, chains, var, logz, values, frames=frames, key_bias=chain_bias, chunk_size=chunk_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -268,3 +269,34 @@ def test_float32_accuracy_against_float64(strategy, sigma):
         kern = kern_cls(x.float(), sigma)
         s32 = kern.restore((kern.mean(kern.rows(z.float())) - kern.rows(z.float())) / sigma**2)
         assert float((s32.double() - exact).abs().max()) < 1e-4 * scale, kern_cls.__name__
+
+
+@pytest.mark.parametrize("use_attention", [True, False, None])
+@pytest.mark.parametrize("d,t", [(2, 1e-3), (2, 1e-6), (64, 1e-4), (64, 1e-6)])
+def test_transition_sum_stays_exact_for_narrow_transition_kernels(use_attention, d, t):
+    """Small t: the transition kernel (var v = sigma^2 (1 - e^{-2t})) is far narrower than the
+    data kernel the frames were sized for. Every strategy setting must then still match the
+    float64 brute force (the expanded form in float32 erred by 1.6e3 x max |out| at d = 2,
+    t = 1e-6, and overflowed at d = 64)."""
+    n, sigma = 1024, 0.3  # n^2 above _DENSE_PAIRS: the pairwise module's sums, not the dense block
+    x = torch.randn(n, d, generator=gen(40), dtype=F64)
+    kern = FusedBatchKernel(x.float(), sigma)
+    anchors = kern.rows(x) + sigma * torch.randn(n, d, generator=gen(41), dtype=F64)
+    v = -sigma**2 * math.expm1(-2 * t)
+    chains = math.exp(-t) * anchors + math.sqrt(v) * torch.randn(n, d, generator=gen(42), dtype=F64)
+    g = torch.randn(n, d, generator=gen(43), dtype=F64)
+    expect = torch.softmax(-0.5 * torch.cdist(chains, anchors).square() / v, dim=1).T @ g
+    with pairwise.use_attention(use_attention):
+        got = kern.transition_sum(anchors.float(), chains.float(), v, g.float(), None)
+    assert float((got.double() - expect).abs().max()) < 1e-5 * float(expect.abs().max())
+
+
+def test_narrow_differentiable_transition_sum_is_refused():
+    """Only blocks are exact for a narrow kernel, and they are not differentiable: a clear error."""
+    x = torch.randn(300, 2, generator=gen(44))
+    frames = pairwise.Frames(x, scale=0.3)
+    y = x.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="too narrow"):
+        pairwise.kernel_transition_sum(
+            frames.permute(x), frames.permute(y), 1e-9, frames.permute(x), frames.own, frames=frames,
+        )

@@ -11,6 +11,7 @@ import torch
 from fluxbench import pairwise
 from fluxbench.fields import MLPField
 from fluxbench.objectives import flux_matching_loss
+from fluxbench.objectives.flux import T_MIN
 from fluxbench.objectives.batch_score import batch_score
 
 from .reference_flux import reference_flux_loss
@@ -194,6 +195,23 @@ def test_t_zero_is_finite():
     x = torch.randn(64, 2)
     loss = flux_matching_loss(field, x, 0.3, t=0.0, generator=gen(0))
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("use_attention", [True, None])
+def test_smallest_t_in_float32_matches_the_exact_transition(use_attention):
+    """t = T_MIN, d = 64, B = 1024 in float32: the transition kernel is ~1e6 times narrower
+    than the frames were sized for. Every strategy setting must give the loss of the exact
+    (float64-product or difference-form) blocks; attention's float32 expanded form gave NaN."""
+    torch.manual_seed(0)
+    field = MLPField(64)
+    x = torch.randn(1024, 64, generator=gen(7))
+    losses = {}
+    for use in (use_attention, False):
+        with pairwise.use_attention(use):
+            losses[use] = flux_matching_loss(field, x, 0.3, t=T_MIN, generator=gen(8)).detach()
+    assert torch.isfinite(losses[use_attention]).all()
+    exact = losses[False]
+    assert float((losses[use_attention] - exact).abs().max()) < 1e-5 * float(exact.abs().max())
 
 
 @pytest.mark.parametrize("backend", ["dense", "fused"])

@@ -146,6 +146,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "materialised blocks clamp log-kernels at -8 (far keys get weight e^-8)",
     ),
     Mutant(
+        "transition_narrow_to_attention",
+        "fluxbench/pairwise.py",
+        "if escalate or _blocks_on(",
+        "if not escalate and _blocks_on(",
+        "transition sums of a narrow kernel (small t) left to attention's float32 expanded form",
+    ),
+    Mutant(
         "third_moment_sign",
         "fluxbench/objectives/batch_score.py",
         "- third / var**3",
