@@ -388,7 +388,7 @@ def _product_dtype(q: Tensor, var: float) -> torch.dtype | None:
     """The dtype of the expanded-form log-kernel product for local queries q (..., d):
     q's own while its rounding eps (R + 6 sqrt(var))^2 / var (R the largest |q|) is within
     ``_EXPANDED_TOL``, else float64 if that is, else None (difference form)."""
-    reach = math.sqrt(float(q.detach().square().sum(-1).amax())) + 6 * math.sqrt(var)
+    reach = float(torch.linalg.vector_norm(q.detach(), dim=-1).amax()) + 6 * math.sqrt(var)
     return next((dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / var <= _EXPANDED_TOL), None)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fluxbench import pairwise
-from fluxbench.objectives.batch_score import DenseBatchKernel, FusedBatchKernel, batch_score
+from fluxbench.objectives.batch_score import DenseBatchKernel, FusedBatchKernel, batch_score, make_batch_kernel
 
 # the module itself (fluxbench.objectives re-exports a function of the same name)
 batch_score_module = importlib.import_module("fluxbench.objectives.batch_score")
@@ -167,6 +167,25 @@ def finest_frames(monkeypatch):
     and the fused (attention) path even where one dense block would be cheaper."""
     monkeypatch.setattr(pairwise, "_ROUNDING_TOL", 0.0)
     monkeypatch.setattr(batch_score_module, "_DENSE_PAIRS", 0)
+
+
+def test_dense_kernel_rows_far_from_every_key_and_outside_the_expanded_form():
+    """Queries far from every key (each weight would underflow without the max shift) and
+    so far from the centre that the one-product logits' rounding bound fails: the dense
+    kernel's means still equal the float64 brute force (difference-form distances)."""
+    x, z = _far_cloud()
+    var = 0.15  # bound eps (R + 6 sigma)^2 / var: 4e-4 for the keys (R = 20), 2e-3 for the queries (R = 50)
+    kern = DenseBatchKernel(x, math.sqrt(var))
+    assert kern.expanded_on_data and pairwise._product_dtype(z - kern.centre, var) != torch.float32
+    expect = torch.softmax(-0.5 * torch.cdist(z.double(), x.double()).square() / var, dim=1) @ x.double()
+    assert torch.allclose(kern.mean(z).double(), expect, rtol=1e-6, atol=1e-5)
+
+
+def test_auto_backend_is_dense_for_small_cpu_batches_it_represents_exactly():
+    assert isinstance(make_batch_kernel(torch.randn(256, 2, generator=gen(50)), 0.3), DenseBatchKernel)
+    assert isinstance(make_batch_kernel(torch.randn(257, 2, generator=gen(51)), 0.3), FusedBatchKernel)
+    # d = 784 at sigma = 0.3: the data radius (~28) is beyond the one-product form's float32 bound
+    assert isinstance(make_batch_kernel(torch.randn(64, 784, generator=gen(52)), 0.3), FusedBatchKernel)
 
 
 @pytest.mark.parametrize("n,d", [(64, 1), (203, 2), (256, 3), (96, 4), (80, 6)])

@@ -120,8 +120,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "transition_softmax_axis",
         "fluxbench/objectives/batch_score.py",
-        "out.addmm_(_softmax(logits).T, g[b])",
-        "out.addmm_(torch.softmax(logits, dim=0).T, g[b])",
+        "out.addmm_(w.T, g[b] / w.sum(1, keepdim=True))",
+        "out.addmm_((w / w.sum(0, keepdim=True)).T, g[b])",
         "transition weights normalised over chains instead of anchors (dense transition block)",
     ),
     Mutant(

@@ -17,11 +17,12 @@ A :class:`BatchKernel` holds one batch at one sigma and performs the three kinds
 pairwise sums the loss needs (posterior means, the moments above, and the transition
 sums of SPEC step 6). Two interchangeable implementations:
 
-* :class:`DenseBatchKernel`: materialised blocks with distances in difference form. Exact
-  to rounding and fastest for small batches.
+* :class:`DenseBatchKernel`: materialised blocks of rows against all B points, one block
+  per pass for small batches: the fewest tensor operations. The default for small
+  batches on CPU (``make_batch_kernel``).
 * :class:`FusedBatchKernel`: the pairwise sums of ``fluxbench.pairwise`` in local
   frames: fused attention kernels, or on CPU 4 MiB materialised blocks where those are
-  faster; nothing B x B is stored. The default.
+  faster; nothing B x B is stored. The default otherwise.
 
 Both work on rows in a *working order* (``kernel.rows`` / ``kernel.restore``): the fused
 kernel sorts rows into spatial frames.
@@ -39,6 +40,7 @@ from ..kernels import no_autocast
 from ..pairwise import (
     Frames,
     KeyFrame,
+    _product_dtype,
     compute_dtype,
     kernel_mean,
     kernel_transition_sum,
@@ -161,16 +163,19 @@ class BatchKernel:
         raise NotImplementedError
 
 
-# Logits more than this far below their row's maximum are raised to it before the
-# softmax: their weight (< e^-80, under 1e-34 of the row) is invisible in any float
-# format, and it keeps exp out of the subnormal range, where CPUs slow down ~4x.
+# Weights more than e^-80 below their row's maximum are raised to e^-80 of it: invisible
+# in any float format (under 1e-34 of the row), and it keeps exp out of the range below
+# -87, where CPUs slow down ~50x (measured: exp(-110) costs 50x exp(-50) here).
 _LOGIT_FLOOR = 80.0
 
 
-def _softmax(logits: Tensor) -> Tensor:
-    """Row softmax of a materialised block, without subnormal intermediates (in place on logits)."""
-    torch.maximum(logits, logits.amax(1, keepdim=True) - _LOGIT_FLOOR, out=logits)
-    return torch.softmax(logits, dim=1)
+def _shifted_exp(logits: Tensor) -> Tensor:
+    """exp(logits - row max), in place on a materialised (n, M) block, floored at e^-80.
+
+    A positive multiple of each row of the softmax, the largest entry exactly 1, so the
+    row mass is >= 1 and sums are normalised by dividing by it after the product.
+    """
+    return logits.sub_(logits.amax(1, keepdim=True)).clamp_(min=-_LOGIT_FLOOR).exp_()
 
 
 def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
@@ -183,13 +188,18 @@ def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def _with_mass(x: Tensor) -> Tensor:
+    """(M, d) -> (M, d + 1) [x, 1]: a weighted sum and the row mass in one product."""
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1)
+
+
 def _dense_transition(
     mu: Tensor, y: Tensor, v: float, g: Tensor, chunk: int, anchor_bias: Tensor | None = None
 ) -> Tensor:
     """sum_j softmax_i(-|mu_i - y_j|^2 / (2 v) + b_i) g_j from materialised blocks of chains.
 
-    Blocks are laid out (chains, anchors) so the softmax runs over contiguous memory. The
-    logits use the expanded form y.mu / v - |mu|^2 / (2 v) (one matrix product, the
+    Blocks are laid out (chains, anchors) so the normalisation runs over contiguous memory.
+    The logits use the expanded form y.mu / v - |mu|^2 / (2 v) (one matrix product, the
     per-chain constant dropped) in coordinates centred on the anchors, unless its
     rounding, eps * R^2 / v for anchors within R of their centre, could exceed 1e-4 (tiny
     t): then distances are taken in difference form.
@@ -210,39 +220,79 @@ def _dense_transition(
             logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
             if anchor_bias is not None:
                 logits += anchor_bias
-        out.addmm_(_softmax(logits).T, g[b])
+        w = _shifted_exp(logits)
+        out.addmm_(w.T, g[b] / w.sum(1, keepdim=True))
     return out
 
 
-def _block_moments(w: Tensor, xc: Tensor, m: Tensor, v: Tensor, eps: Tensor | None) -> tuple[Tensor, Tensor]:
-    """From a materialised weight block: C v and the contracted third central moment.
+class _Keys:
+    """Keys (M, d) of a materialised block in the layouts its products need, built once."""
 
-    w (n, M) weights, xc (M, d) keys, m (n, d) posterior means, v (n, d), eps (n, d) or None.
-    Returns (C v, E_w[a^2 (x - m)]) with a = eps.(x - m), or E_w[|x - m|^2 (x - m)] for eps=None.
+    def __init__(self, x: Tensor, var: float):
+        self.x = x
+        self.t = x.T.contiguous()  # (d, M)
+        self.scaled_t = self.t / var  # (d, M): logits z.x / var in one product
+        self.bias = x.square().sum(1).mul_(-0.5 / var)  # (M,) -|x|^2 / (2 var)
+        self.with_mass = _with_mass(x)  # (M, d + 1)
+
+
+def _block_moments(
+    w: Tensor, keys: _Keys, y: Tensor, f: Tensor, eps: Tensor | None, var: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """s_hat, C (f - 2 s_hat) and the contracted third central moment from one weight block.
+
+    w (n, M) unnormalised kernel weights (rows of any positive scale) between queries y
+    (n, d) and ``keys``, all in the same coordinates; f, eps (n, d) (eps None: the trace
+    form). Returns (s_hat, C v, E_w[a^2 (x - m)]) with v = f - 2 s_hat, a = eps.(x - m),
+    or E_w[|x - m|^2 (x - m)] for eps None (see :meth:`BatchKernel.score_terms`).
     """
-    wa = w * (v @ xc.T - (v * m).sum(1, keepdim=True))
-    cw = wa @ xc - wa.sum(1, keepdim=True) * m
+    d = y.shape[1]
+
+    def centred_sum(c: Tensor) -> Tensor:  # E_w[c (x - m)] from c (n, M), in place on c
+        r = c.mul_(w) @ keys.with_mass
+        return (r[:, :d] - r[:, d:] * m) / mass
+
+    sums = w @ keys.with_mass
+    mass = sums[:, d:]
+    m = sums[:, :d] / mass
+    s = (m - y) / var
+    v = f - 2 * s
+    # (a broadcast addmm input would be copied to the full block first)
+    cw = centred_sum(torch.mm(v, keys.t).sub_((v * m).sum(1, keepdim=True)))
     if eps is None:
-        c = _sq_dists(m, xc)
+        c = _sq_dists(m, keys.x)
     else:
-        c = (eps @ xc.T - (eps * m).sum(1, keepdim=True)).square_()
-    wc = w * c
-    return cw, wc @ xc - wc.sum(1, keepdim=True) * m
+        c = torch.mm(eps, keys.t).sub_((eps * m).sum(1, keepdim=True)).square_()
+    return s, cw, centred_sum(c)
 
 
 class DenseBatchKernel(BatchKernel):
-    """Materialised blocks of at most ``chunk_size`` rows, distances in difference form."""
+    """Materialised blocks of at most ``chunk_size`` rows: the fewest tensor operations per
+    pass, which is what small batches cost (``make_batch_kernel`` picks it for them on CPU).
+
+    Coordinates are centred on the batch mean. Logits are in the expanded form
+    z.x / var - |x|^2 / (2 var) (one matrix product) while its rounding bound
+    (``fluxbench.pairwise``, ``_EXPANDED_TOL``) holds for the queries, else in difference
+    form; weights are exp(logit - row max) floored at e^-80, and every sum is divided by
+    its row mass after the product.
+    """
 
     def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
         self.dtype = compute_dtype(x)
         self.var = sigma * sigma
         self.n = x.shape[0]
-        self.centre = x.to(self.dtype).mean(0)
-        self.x = x.to(self.dtype) - self.centre  # centred once: products below stay small
+        xc = x.to(self.dtype)
+        self.centre = xc.mean(0)
+        self.keys = _Keys(xc - self.centre, self.var)  # centred once: products below stay small
         self.chunk = chunk_size or max(1, (1 << 20) // max(1, x.shape[0]))
+        # whether queries at the data points themselves take the one-product form
+        self.expanded_on_data = _product_dtype(self.keys.x, self.var) == self.dtype
 
     def _weights(self, z: Tensor) -> Tensor:
-        return _softmax(_sq_dists(z, self.x).mul_(-0.5 / self.var))
+        """(n, B) unnormalised weights for centred queries z (n, d)."""
+        if _product_dtype(z, self.var) == z.dtype:
+            return _shifted_exp(torch.addmm(self.keys.bias, z, self.keys.scaled_t))
+        return _shifted_exp(_sq_dists(z, self.keys.x).mul_(-0.5 / self.var))
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):
@@ -251,26 +301,40 @@ class DenseBatchKernel(BatchKernel):
     def select_chains(self, n_chains, generator):
         if n_chains is None or n_chains >= self.n:
             return None, 1.0
-        sel = torch.randperm(self.n, generator=generator, device=self.x.device)[:n_chains].sort().values
+        sel = torch.randperm(self.n, generator=generator, device=self.centre.device)[:n_chains].sort().values
         return sel, self.n / n_chains
 
     @_no_autocast
     def mean(self, z: Tensor) -> Tensor:
         z = z.to(self.dtype) - self.centre
-        return torch.cat([self._weights(z[b]) @ self.x for b in self._blocks(z.shape[0])]) + self.centre
+        d = z.shape[1]
+
+        def block(zb: Tensor) -> Tensor:
+            sums = self._weights(zb) @ self.keys.with_mass
+            return sums[:, :d] / sums[:, d:]
+
+        return self._by_blocks(block, z).add_(self.centre)
 
     @_no_autocast
     def score_terms(self, y: Tensor, f: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
         y = y.to(self.dtype) - self.centre
         f = f.to(self.dtype)
-        eps = None if probe is None else probe.to(self.dtype)
-        s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
-        for b in self._blocks(y.shape[0]):
-            w = self._weights(y[b])
-            m = w @ self.x
-            s[b] = (m - y[b]) / self.var
-            cw[b], third[b] = _block_moments(w, self.x, m, f[b] - 2 * s[b], None if eps is None else eps[b])
+        eps = probe if probe is None else probe.to(self.dtype)
+
+        def block(yb: Tensor, fb: Tensor, eb: Tensor | None = None) -> Tensor:
+            return torch.cat(_block_moments(self._weights(yb), self.keys, yb, fb, eb, self.var), 1)
+
+        d = y.shape[1]
+        out = self._by_blocks(block, y, f) if eps is None else self._by_blocks(block, y, f, eps)
+        s, cw, third = out[:, :d], out[:, d : 2 * d], out[:, 2 * d :]
         return s, _gradient_terms(s, f, cw, third, self.var)
+
+    def _by_blocks(self, fn, *rows: Tensor) -> Tensor:
+        """fn over row blocks of at most ``chunk`` rows, concatenated (one call for small inputs)."""
+        n = rows[0].shape[0]
+        if n <= self.chunk:
+            return fn(*rows)
+        return torch.cat([fn(*(t[b] for t in rows)) for b in self._blocks(n)])
 
     @_no_autocast
     def transition_sum(self, mu, y, v, g, chains):
@@ -409,13 +473,10 @@ class FusedBatchKernel(BatchKernel):
         s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
         for gi in range(frames.n_groups):
             rows = slice(gi * per, (gi + 1) * per)
-            xc = self.x_keys.k[gi]  # keys in this frame's coordinates
+            keys = _Keys(self.x_keys.k[gi], var)  # keys in this frame's coordinates
             yc = y[rows] - frames.centres[gi].to(y.dtype)
-            logits = (yc.square().sum(1, keepdim=True) - 2 * yc @ xc.T).mul_(-0.5 / var).add_(self.x_keys.bias[gi])
-            w = _softmax(logits)
-            m = w @ xc
-            s[rows] = (m - yc) / var
-            cw[rows], third[rows] = _block_moments(w, xc, m, f[rows] - 2 * s[rows], None if eps is None else eps[rows])
+            w = _shifted_exp(torch.addmm(keys.bias, yc, keys.scaled_t))
+            s[rows], cw[rows], third[rows] = _block_moments(w, keys, yc, f[rows], None if eps is None else eps[rows], var)
         return s, cw, third
 
     @_no_autocast
@@ -438,12 +499,19 @@ class FusedBatchKernel(BatchKernel):
 def make_batch_kernel(x: Tensor, sigma: float, *, backend: str = "auto", chunk_size: int | None = None) -> BatchKernel:
     """The pairwise backend for one batch: ``"dense"``, ``"fused"``, or ``"auto"``.
 
-    ``"auto"`` is ``"fused"``: it wins at every batch size measured (see
-    ``python -m fluxbench.bench``). Both compute the same sums and differ only in rounding:
-    dense uses difference-form distances, fused meets the bound of
-    ``fluxbench.pairwise._ROUNDING_TOL`` through local frames.
+    ``"auto"`` is ``"dense"`` on CPU for batches of at most ``_DENSE_PAIRS`` pairs (B <= 256)
+    whose own points take its one-product logits (the expanded form's rounding bound
+    holds for them): there a step is per-operation overhead, and one materialised block
+    per pass has the fewest operations. Otherwise ``"fused"`` (where dense would fall back
+    to difference-form distances, e.g. d = 784 at sigma = 0.3, it is ~2x slower). Measured
+    with ``python -m fluxbench.bench``. Both compute the same sums and differ only in
+    rounding.
     """
     if backend == "auto":
+        if x.device.type == "cpu" and x.shape[0] * x.shape[0] <= _DENSE_PAIRS:
+            dense = DenseBatchKernel(x, sigma, chunk_size=chunk_size)
+            if dense.expanded_on_data:
+                return dense
         backend = "fused"
     if backend == "dense":
         return DenseBatchKernel(x, sigma, chunk_size=chunk_size)

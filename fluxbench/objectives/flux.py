@@ -125,8 +125,9 @@ def flux_matching_loss(
         chunk_size: at most this many query rows per pairwise block (bounds the memory
             of the B x B work; the fused backend's result does not depend on it).
         backend: ``"fused"`` (local frames, fused kernels or bounded blocks, nothing
-            B x B stored; the default ``"auto"``) or ``"dense"`` (materialised blocks,
-            difference-form distances); see :mod:`fluxbench.objectives.batch_score`.
+            B x B stored), ``"dense"`` (materialised blocks of rows against the whole
+            batch), or ``"auto"`` (dense for small batches on CPU, else fused); see
+            :func:`fluxbench.objectives.batch_score.make_batch_kernel`.
         generator: the source of every random draw (anchors, time, chain noise, probe).
         return_info: also return a :class:`FluxLossInfo`.
 
