@@ -712,6 +712,11 @@ def kernel_transpose_sum(
     return frames.unpermute(out) if adhoc else out
 
 
+def _without_dropped(values: Tensor, bias: Tensor | None) -> Tensor:
+    """(C, e) values with the rows whose bias is -inf (dropped chains) set to 0."""
+    return values if bias is None else values.masked_fill(torch.isinf(bias)[:, None], 0.0)
+
+
 def kernel_transition_sum(
     anchors: Tensor,
     chains: Tensor,
@@ -772,9 +777,7 @@ def kernel_transition_sum(
             )
         if escalate or _blocks_on(anchors.device, anchors.shape[0] * chains.shape[0], anchors, chains, values, min_pairs=0):
             kern = _BlockKernel(q, KeyFrame(frames, anchors.to(dtype), var, dtype, anchor_bias), product_dtype)
-            g = values.to(dtype)
-            if chain_bias is not None:
-                g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
+            g = _without_dropped(values.to(dtype), chain_bias)
             return _blocks_transpose_sum(kern, g.view(*q.shape[:2], -1), chunk_size)
         logz = kernel_logsumexp(chains, anchors, var, reference, frames=frames, key_bias=anchor_bias, chunk_size=chunk_size)
         return kernel_transpose_sum(anchors, chains, var, logz, values, frames=frames, key_bias=chain_bias, chunk_size=chunk_size)

@@ -41,6 +41,7 @@ from ..pairwise import (
     Frames,
     KeyFrame,
     _product_dtype,
+    _without_dropped,
     compute_dtype,
     kernel_mean,
     kernel_transition_sum,
@@ -485,10 +486,8 @@ class FusedBatchKernel(BatchKernel):
         padding = frames.key_bias
         chain_bias = None if padding is None else (padding if chains is None else padding[chains])
         if mu.shape[0] * y.shape[0] <= _DENSE_PAIRS:
-            # small problems: one materialised softmax has the fewest tensor operations
-            g = g.to(self.dtype)
-            if chain_bias is not None:
-                g = g.masked_fill(torch.isinf(chain_bias)[:, None], 0.0)
+            # small problems: one materialised block has the fewest tensor operations
+            g = _without_dropped(g.to(self.dtype), chain_bias)
             return _dense_transition(mu.to(self.dtype), y.to(self.dtype), v, g, y.shape[0], padding)
         own = frames.own if chains is None else frames.own[chains]
         return kernel_transition_sum(
