@@ -110,8 +110,12 @@ def use_attention(enabled: bool | None) -> Iterator[None]:
         _ATTENTION = previous
 
 
+def _needs_grad(*inputs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def _blocks_on(device: torch.device, pairs: int, *inputs: Tensor, min_pairs: int = _BLOCKS_MIN_PAIRS) -> bool:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if _needs_grad(*inputs):
         return False  # blocks write into reused buffers: only attention is differentiable
     if _ATTENTION is not None:
         return not _ATTENTION
@@ -392,6 +396,15 @@ def _product_dtype(q: Tensor, var: float) -> torch.dtype | None:
     return next((dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / var <= _EXPANDED_TOL), None)
 
 
+def _shifted_exp(logits: Tensor, floor: float) -> Tensor:
+    """exp(logits - max over the last axis), in place, raised to at least exp(floor).
+
+    A positive multiple of each softmax row with its largest entry exactly 1 (so the row
+    mass is >= 1); the floor keeps exp out of the slow range below about -87.
+    """
+    return logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=floor).exp_()
+
+
 class _BlockKernel:
     """Materialised blocks of the Gaussian kernel between local queries and a KeyFrame.
 
@@ -445,7 +458,7 @@ class _BlockKernel:
         logits = self._log_kernel(gs, rs)
         if self.kf.mask is not None:
             logits.masked_fill_(self.kf.mask == 0, float("-inf"))
-        return logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=self.floor).exp_()
+        return _shifted_exp(logits, self.floor)
 
     def block(self, gs: slice, rs: slice, low: Tensor | None = None) -> Tensor:
         """:meth:`weights`, or :meth:`shifted_weights` where ``low`` (G, l) marks a row of the block."""
@@ -768,8 +781,7 @@ def kernel_transition_sum(
         # float64 products or distances in difference form, are exact. Elsewhere one block
         # pass against two attention passes: blocks wherever _blocks_on chooses them.
         escalate = product_dtype != dtype
-        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (anchors, chains, values))
-        if escalate and differentiable:
+        if escalate and _needs_grad(anchors, chains, values):
             raise ValueError(
                 f"kernel_transition_sum: var={var:g} is too narrow for the expanded form in {dtype} on these frames "
                 "(rounding bound above _EXPANDED_TOL), and the exact block strategy is not differentiable; "

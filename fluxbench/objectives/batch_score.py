@@ -41,6 +41,7 @@ from ..pairwise import (
     Frames,
     KeyFrame,
     _product_dtype,
+    _shifted_exp,
     _without_dropped,
     compute_dtype,
     kernel_mean,
@@ -170,15 +171,6 @@ class BatchKernel:
 _LOGIT_FLOOR = 80.0
 
 
-def _shifted_exp(logits: Tensor) -> Tensor:
-    """exp(logits - row max), in place on a materialised (n, M) block, floored at e^-80.
-
-    A positive multiple of each row of the softmax, the largest entry exactly 1, so the
-    row mass is >= 1 and sums are normalised by dividing by it after the product.
-    """
-    return logits.sub_(logits.amax(1, keepdim=True)).clamp_(min=-_LOGIT_FLOOR).exp_()
-
-
 def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
     """|a_i - b_j|^2 in difference form (no cancellation), (N, M); coordinate sums for small d."""
     if a.shape[1] > 4:
@@ -221,7 +213,7 @@ def _dense_transition(
             logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
             if anchor_bias is not None:
                 logits += anchor_bias
-        w = _shifted_exp(logits)
+        w = _shifted_exp(logits, -_LOGIT_FLOOR)
         out.addmm_(w.T, g[b] / w.sum(1, keepdim=True))
     return out
 
@@ -292,8 +284,8 @@ class DenseBatchKernel(BatchKernel):
     def _weights(self, z: Tensor) -> Tensor:
         """(n, B) unnormalised weights for centred queries z (n, d)."""
         if _product_dtype(z, self.var) == z.dtype:
-            return _shifted_exp(torch.addmm(self.keys.bias, z, self.keys.scaled_t))
-        return _shifted_exp(_sq_dists(z, self.keys.x).mul_(-0.5 / self.var))
+            return _shifted_exp(torch.addmm(self.keys.bias, z, self.keys.scaled_t), -_LOGIT_FLOOR)
+        return _shifted_exp(_sq_dists(z, self.keys.x).mul_(-0.5 / self.var), -_LOGIT_FLOOR)
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):
@@ -476,7 +468,7 @@ class FusedBatchKernel(BatchKernel):
             rows = slice(gi * per, (gi + 1) * per)
             keys = _Keys(self.x_keys.k[gi], var)  # keys in this frame's coordinates
             yc = y[rows] - frames.centres[gi].to(y.dtype)
-            w = _shifted_exp(torch.addmm(keys.bias, yc, keys.scaled_t))
+            w = _shifted_exp(torch.addmm(keys.bias, yc, keys.scaled_t), -_LOGIT_FLOOR)
             s[rows], cw[rows], third[rows] = _block_moments(w, keys, yc, f[rows], None if eps is None else eps[rows], var)
         return s, cw, third
 
