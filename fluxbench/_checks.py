@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "all_finite",
     "check_points",
     "check_sigma",
     "check_field_output",
@@ -26,6 +27,17 @@ __all__ = [
 
 def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of a floating tensor is finite.
+
+    NaN and inf propagate through a sum, so a finite sum proves it with one reduction; a
+    non-finite sum (which finite entries can also give, by overflow) is settled entry by
+    entry.
+    """
+    t = t.detach()
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_points(x: object, name: str = "x", *, dim: int | None = None, finite: bool = True) -> Tensor:
@@ -52,7 +64,7 @@ def check_points(x: object, name: str = "x", *, dim: int | None = None, finite: 
         raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} must have d = {dim} columns; got shape {tuple(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
+    if finite and not all_finite(x):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name} contains {n_nan} NaN and {n_inf} inf entries; all entries must be finite")
@@ -117,7 +129,7 @@ def check_field_output(out: object, x: Tensor, name: str = "field") -> Tensor:
         raise ValueError(f"{name} output is on device {out.device} but its input is on {x.device}")
     if out.dtype != x.dtype:
         raise ValueError(f"{name} output has dtype {out.dtype} but its input has dtype {x.dtype}")
-    if not bool(torch.isfinite(out.detach()).all()):
+    if not all_finite(out):
         raise ValueError(f"{name} output contains NaN or inf ({_describe(out)})")
     return out
 

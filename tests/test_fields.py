@@ -157,3 +157,60 @@ def test_divergence_methods_agree_in_expectation():
     assert ((est.mean(0) - exact).abs() < 4 * se + 1e-12).all()
     with pytest.raises(ValueError, match="method"):
         divergence(f, x, method="nope")
+
+
+def _autograd_pullback(field, x, probe, s):
+    """grad_x [s . f(x) + probe^T J_f(x) probe] by double backward (the generic path)."""
+    x = x.detach().requires_grad_(True)
+    f = field(x)
+    (vjp,) = torch.autograd.grad(f, x, probe, create_graph=True)
+    (g,) = torch.autograd.grad((f * s).sum() + (vjp * probe).sum(), x)
+    return f.detach(), g
+
+
+@pytest.mark.parametrize("activation", [torch.nn.SiLU, torch.nn.Tanh])
+@pytest.mark.parametrize("hidden", [(), (16,), (16, 8, 12)])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_mlp_defect_pullback_matches_double_backward(activation, hidden, conditioned):
+    """The closed-form pullback of MLPField (SPEC section 2, steps 3-4) is autograd's double
+    backward to float64 rounding, for every depth, both activations, with and without sigma."""
+    torch.manual_seed(0)
+    model = MLPField(3, hidden=hidden, activation=activation, sigma_conditioned=conditioned).double()
+    field = at_sigma(model, 0.7)
+    g = gen(1)
+    x = torch.randn(40, 3, generator=g, dtype=F64)
+    probe = torch.randint(0, 2, (40, 3), generator=g).to(F64) * 2 - 1
+    s = torch.randn(40, 3, generator=g, dtype=F64)
+    f_ref, g_ref = _autograd_pullback(field, x, probe, s)
+    with torch.no_grad():
+        f, pullback = field.defect_pullback(x, probe)
+        out = pullback(s)
+    assert torch.allclose(f, f_ref, rtol=1e-12, atol=1e-12)
+    assert float((out - g_ref).abs().max()) <= 1e-12 * float(g_ref.abs().max())
+
+
+def test_mlp_defect_pullback_declines_what_it_does_not_cover():
+    """Other activations, an overridden forward or a forward hook: None (callers use autograd)."""
+    x, probe = torch.randn(5, 2), torch.ones(5, 2)
+    assert MLPField(2, activation=torch.nn.ReLU).defect_pullback(x, probe) is None
+
+    class Shifted(MLPField):
+        def forward(self, x, sigma=None):
+            return super().forward(x, sigma) + 1
+
+    assert Shifted(2).defect_pullback(x, probe) is None
+    hooked = MLPField(2)
+    hooked.net[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    assert hooked.defect_pullback(x, probe) is None
+    # a plain callable or a model without the method: at_sigma says None too
+    assert at_sigma(ConservativeField(2, sigma_conditioned=True), 0.5).defect_pullback(x, probe) is None
+
+
+def test_mlp_defect_pullback_is_used_once():
+    model = MLPField(2)
+    x, probe = torch.randn(5, 2), torch.ones(5, 2)
+    with torch.no_grad():
+        _, pullback = model.defect_pullback(x, probe)
+        pullback(torch.ones(5, 2))
+        with pytest.raises(RuntimeError, match="already used"):
+            pullback(torch.ones(5, 2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fluxbench import pairwise
-from fluxbench.fields import MLPField
+from fluxbench.fields import MLPField, at_sigma
 from fluxbench.objectives import flux_matching_loss
 from fluxbench.objectives.flux import T_MIN
 from fluxbench.objectives.batch_score import batch_score
@@ -251,6 +251,25 @@ def test_fused_backend_with_padding_matches_dense_in_distribution():
     assert abs(m1 - m2) < 4 * math.hypot(s1, s2)
 
 
+def _nan_mlp() -> MLPField:
+    model = MLPField(2)
+    with torch.no_grad():
+        model.net[-1].bias.fill_(float("nan"))
+    return model
+
+
+def test_finite_entries_whose_sum_overflows_are_finite():
+    """The finiteness check sums first (one reduction) and settles a non-finite sum entry
+    by entry: float32 entries of 3e38 overflow the sum but are finite."""
+    from fluxbench._checks import all_finite, check_points
+
+    big = torch.full((4, 2), 3e38)
+    assert all_finite(big) and check_points(big) is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        big[1, 1] = bad
+        assert not all_finite(big)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -271,6 +290,7 @@ def test_fused_backend_with_padding_matches_dense_in_distribution():
         (dict(field=lambda z: z.double()), "dtype"),
         (dict(field=lambda z: z * float("nan")), "NaN"),
         (dict(field=lambda z: z.to("meta")), "device"),
+        (dict(field=_nan_mlp()), "NaN"),  # the closed-form pullback path checks its output too
     ],
 )
 def test_bad_input_raises_named_error(kwargs, match):
@@ -317,3 +337,23 @@ def test_chain_subsampling_keeps_the_expectation(backend):
     (m1, s1), (m2, s2) = stats
     assert abs(m1 - m2) < 4 * math.hypot(s1, s2)
     assert s2 > s1  # fewer chains: more variance
+
+
+@pytest.mark.parametrize("backend", ["dense", "fused"])
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5)])
+def test_closed_form_field_pullback_gives_the_autograd_loss(backend, dtype, tol):
+    """MLPField's closed-form defect pullback and autograd's double backward (the same field
+    behind a plain lambda) give the same losses and parameter gradients, draw for draw."""
+    torch.manual_seed(4)
+    model = MLPField(3, hidden=(32, 32), sigma_conditioned=True).to(dtype)
+    x = torch.randn(200, 3, dtype=dtype, generator=gen(5))
+    fields = {"autograd": lambda z: model(z, 0.4), "closed form": at_sigma(model, 0.4)}
+    assert fields["closed form"].defect_pullback(x, torch.ones_like(x)) is not None
+    out = {}
+    for name, field in fields.items():
+        loss = flux_matching_loss(field, x, 0.4, backend=backend, generator=gen(6))
+        out[name] = (loss.detach(), torch.autograd.grad(loss.mean(), list(model.parameters())))
+    (l_ref, g_ref), (l_fast, g_fast) = out["autograd"], out["closed form"]
+    assert float((l_fast - l_ref).abs().max()) <= tol * float(l_ref.abs().max())
+    for a, b in zip(g_fast, g_ref):
+        assert float((a - b).abs().max()) <= tol * float(b.abs().max())

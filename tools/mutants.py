@@ -120,8 +120,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "transition_softmax_axis",
         "fluxbench/objectives/batch_score.py",
-        "out.addmm_(w.T, g[b] / w.sum(1, keepdim=True))",
-        "out.addmm_((w / w.sum(0, keepdim=True)).T, g[b])",
+        "out_t.addmm_((g[b] / w.sum(1, keepdim=True)).T, w)",
+        "out_t.addmm_(g[b].T, w / w.sum(0, keepdim=True))",
         "transition weights normalised over chains instead of anchors (dense transition block)",
     ),
     Mutant(
@@ -146,6 +146,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "materialised blocks clamp log-kernels at -8 (far keys get weight e^-8)",
     ),
     Mutant(
+        "mlp_pullback_drops_curvature",
+        "fluxbench/fields/mlp.py",
+        "ab = curvature.mul_(hb_tangent).addcmul_(hb, first)",
+        "ab = hb * first",
+        "closed-form Hutchinson pullback of the MLP without its second-derivative term",
+    ),
+    Mutant(
         "transition_narrow_to_attention",
         "fluxbench/pairwise.py",
         "if escalate or _blocks_on(",
@@ -155,8 +162,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "third_moment_sign",
         "fluxbench/objectives/batch_score.py",
-        "- third / var**3",
-        "+ third / var**3",
+        ".add_(third, alpha=-1.0 / var)",
+        ".add_(third, alpha=1.0 / var)",
         "sign of the third-moment term in grad D_s",
     ),
     Mutant(

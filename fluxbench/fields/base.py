@@ -3,6 +3,16 @@
 A *field* is any callable ``f(x) -> Tensor`` mapping (N, d) points to (N, d) vectors with
 x's dtype and device (SPEC section 1). A noise-conditioned model is called
 ``model(x, sigma)``; :func:`at_sigma` fixes sigma and returns a plain field.
+
+Optional fast path. A field may also define ``defect_pullback(x, probe)`` (a
+noise-conditioned model ``defect_pullback(x, probe, sigma)``) returning either None or a
+pair ``(f(x), pullback)`` with
+
+    pullback(s) = grad_x [s . f(x) + probe^T J_f(x) probe]      (s, probe held fixed),
+
+all (N, d). The Flux Matching loss needs exactly this at its chain end points (the field
+part of grad r_hat, SPEC section 2, steps 3-4); without the method it is autograd's
+double backward. :class:`fluxbench.fields.MLPField` implements it in closed form.
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ class _AtSigma:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.model(x, check_sigma(self.sigma, like=x))
+
+    def defect_pullback(self, x: Tensor, probe: Tensor):
+        method = getattr(self.model, "defect_pullback", None)
+        return None if method is None else method(x, probe, check_sigma(self.sigma, like=x))
 
     def __repr__(self) -> str:
         return f"at_sigma({self.model!r}, sigma={float(self.sigma):g})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +28,89 @@ def _sigma_column(x: Tensor, sigma: Tensor | float) -> Tensor:
     if s.numel() not in (1, x.shape[0]):
         raise ValueError(f"sigma must be a scalar or have one value per row; got shape {tuple(s.shape)} for {x.shape[0]} rows")
     return s.reshape(-1, 1).expand(x.shape[0], 1)
+
+
+def _silu_terms(a: Tensor, a_tangent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """silu(a), silu'(a) and silu''(a) a_tangent, from one sigmoid; overwrites a."""
+    sig = torch.sigmoid(a)
+    h = a * sig
+    first = torch.addcmul(sig + h, h, sig, value=-1)  # sig (1 + a (1 - sig))
+    # silu''(a) = sig (1 - sig) (2 + a (1 - 2 sig)) = sig (1 - sig) (2 + a - 2 silu(a))
+    curvature = torch.ops.aten.sigmoid_backward(a.sub_(h, alpha=2).add_(2).mul_(a_tangent), sig)
+    return h, first, curvature
+
+
+def _tanh_terms(a: Tensor, a_tangent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """tanh(a), 1 - tanh^2(a) and -2 tanh(a) (1 - tanh^2(a)) a_tangent."""
+    h = torch.tanh(a)
+    first = torch.mul(h, h).neg_().add_(1)
+    return h, first, (h * first).mul_(-2).mul_(a_tangent)
+
+
+# activations whose first and second derivatives the analytic pullback knows (exact type)
+_TERMS = {nn.SiLU: _silu_terms, nn.Tanh: _tanh_terms}
+
+
+def _mlp_defect_pullback(
+    net: nn.Sequential, x_in: Tensor, probe: Tensor, d: int, scale: Tensor | None
+) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+    """f(x) and s -> grad_x [s . f(x) + probe^T J_f(x) probe] for an MLP, without autograd.
+
+    With a_1 = W_1 x_in + b_1, h_l = act(a_l), a_{l+1} = W_{l+1} h_l + b_{l+1} and
+    f = (W_{L+1} h_L + b_{L+1}) / scale, the tangent along the probe e is
+    a'_1 = W_1[:, :d] e, a'_{l+1} = W_{l+1} (act'(a_l) a'_l), and probe^T J_f probe =
+    e . W_{L+1} (act'(a_L) a'_L) / scale. Its reverse pass carries two adjoints per layer,
+    hb (of h_l, seeded by W_{L+1}^T s / scale) and hb' (of act'(a_l) a'_l, seeded by
+    W_{L+1}^T e / scale):
+
+        ab_l = act'(a_l) hb_l + act''(a_l) a'_l hb'_l,   hb_{l-1} = W_l^T ab_l,
+        hb'_{l-1} = W_l^T (act'(a_l) hb'_l),             grad_x = W_1[:, :d]^T ab_1.
+
+    This is exactly what autograd's double backward computes (the Hutchinson term of
+    SPEC section 2, step 3), with about half the operations; each layer keeps two (N,
+    width) tensors, act'(a_l) and act''(a_l) a'_l, which the pullback consumes in place
+    (it can be called once). Returns None for a network this does not cover (an
+    activation outside ``_TERMS``, any other module).
+
+    Shapes: x_in (N, d_in) with its first d columns the point, probe (N, d), scale a
+    column (N, 1) or None; f (N, d), the pullback maps (N, d) to (N, d).
+    """
+    mods = list(net)
+    linears, acts = mods[0::2], mods[1::2]
+    if len(linears) != len(acts) + 1 or not all(type(m) is nn.Linear for m in linears):
+        return None
+    if not all(type(m) in _TERMS for m in acts):
+        return None
+    h, tangent, layers = x_in, probe, []
+    for i, (lin, act) in enumerate(zip(linears, acts)):
+        weight = lin.weight if i else lin.weight[:, :d]
+        a = torch.addmm(lin.bias, h, lin.weight.t()) if lin.bias is not None else h @ lin.weight.t()
+        a_tangent = tangent @ weight.t()
+        h, first, curvature = _TERMS[type(act)](a, a_tangent)
+        tangent = first * a_tangent
+        layers.append((first, curvature, weight))
+    last = linears[-1]
+    f = h @ last.weight.t() if last.bias is None else torch.addmm(last.bias, h, last.weight.t())
+    if scale is not None:
+        f = f / scale
+    calls = []
+
+    def pullback(s: Tensor) -> Tensor:
+        if calls:
+            raise RuntimeError("this defect pullback was already used (it consumes its saved tensors)")
+        calls.append(1)
+        s_adj, e_adj = (s, probe) if scale is None else (s / scale, probe / scale)
+        if not layers:  # no hidden layer: f is affine and J constant
+            return s_adj @ last.weight[:, :d]
+        hb, hb_tangent = s_adj @ last.weight, e_adj @ last.weight
+        for i in range(len(layers) - 1, -1, -1):
+            first, curvature, weight = layers[i]
+            ab = curvature.mul_(hb_tangent).addcmul_(hb, first)
+            if i == 0:
+                return ab @ weight
+            hb, hb_tangent = ab @ weight, hb_tangent.mul_(first) @ weight
+
+    return f, pullback
 
 
 class MLPField(nn.Module):
@@ -70,6 +155,29 @@ class MLPField(nn.Module):
             raise ValueError("this MLPField is sigma-conditioned: call it as model(x, sigma)")
         s = _sigma_column(x, sigma)
         return self.net(torch.cat([x, s.log()], dim=1)) / s
+
+    def defect_pullback(
+        self, x: Tensor, probe: Tensor, sigma: Tensor | float | None = None
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+        """The field and its Hutchinson pullback in closed form (the optional field protocol of
+        :mod:`fluxbench.fields.base`): ``(f(x), s -> grad_x [s . f(x) + probe^T J_f(x) probe])``.
+
+        x and probe (N, d), sigma as for :meth:`forward`. None when the network is not
+        covered (activations other than SiLU and Tanh, a subclass that overrides
+        ``forward``): callers then use autograd. Not differentiable in the parameters.
+        """
+        if type(self).forward is not MLPField.forward or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+            return None
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            check_points(x, "x", dim=self.dim, finite=False)
+        scale = None
+        x_in = x
+        if self.sigma_conditioned:
+            if sigma is None:
+                raise ValueError("this MLPField is sigma-conditioned: call it as model(x, sigma)")
+            scale = _sigma_column(x, sigma)
+            x_in = torch.cat([x, scale.log()], dim=1)
+        return _mlp_defect_pullback(self.net, x_in, probe, self.dim, scale)
 
 
 class ConservativeField(nn.Module):

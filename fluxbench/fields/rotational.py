@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_points, check_positive_int
+from .._checks import all_finite, check_points, check_positive_int
 from ..divergence import matrix_divergence
 from .mlp import _mlp
 
@@ -42,7 +42,7 @@ def _check_antisymmetric(matrix: Tensor, name: str = "antisymmetric matrix") -> 
     if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
         raise ValueError(f"{name} must be a square (d, d) tensor; got {shape}")
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite(matrix):
         raise ValueError(f"{name} contains NaN or inf")
     resid = (matrix + matrix.T).abs().max()
     scale = matrix.abs().max().clamp_min(1.0)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fluxbench import _random
-from fluxbench._checks import check_generator, check_positive, check_positive_int
+from fluxbench._checks import all_finite, check_generator, check_positive, check_positive_int
 from fluxbench.kernels import working_dtype
 from fluxbench.metrics._common import check_directions
 
@@ -34,7 +34,7 @@ def _check_mean(m: object, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape (d,) with d >= 1; got shape {tuple(m.shape)}")
     if not m.is_floating_point():
         raise ValueError(f"{name} must have a floating dtype; got {m.dtype}")
-    if not bool(torch.isfinite(m).all()):
+    if not all_finite(m):
         raise ValueError(f"{name} contains NaN or inf entries")
     return m
 
@@ -48,7 +48,7 @@ def _check_cov(S: object, name: str, d: int, like: Tensor) -> Tensor:
         raise ValueError(f"{name} is on device {S.device} but the means are on {like.device}")
     if S.dtype != like.dtype:
         raise ValueError(f"{name} has dtype {S.dtype} but the means have dtype {like.dtype}")
-    if not bool(torch.isfinite(S).all()):
+    if not all_finite(S):
         raise ValueError(f"{name} contains NaN or inf entries")
     scale = float(S.abs().max())
     tol = 1e-6 * max(scale, 1e-30) if working_dtype(S.dtype) == torch.float64 else 1e-4 * max(scale, 1e-30)

@@ -21,6 +21,10 @@ What differs from the published code, all without changing the estimator's expec
 
 * the batch-score parts of grad r_hat are closed-form moments of the posterior weights
   (``batch_score.score_terms``): autograd only differentiates f, never the B x B softmax;
+* f's own part, grad [eps^T J_f eps + f . s_hat], comes from the field's closed-form
+  ``defect_pullback`` where it has one (:class:`fluxbench.fields.MLPField` with SiLU or
+  Tanh: a forward pass carrying the probe's tangent and one reverse pass, no double
+  backward), else from autograd;
 * every B x B sum runs chunked in float32 or better, in fused attention kernels or (on
   CPU) 4 MiB blocks with one exponential per pair, the transition sums of step 6 in a
   single pass (``fluxbench.pairwise``); nothing B x B is stored;
@@ -178,7 +182,7 @@ def flux_matching_loss(
         t_tensor, log_q = proposal.sample(sig, xc, generator)
         t_val = float(t_tensor)
     t_val = max(t_val, T_MIN)
-    inv_q = 1.0 if t is not None else float(torch.exp(-log_q.detach()))
+    inv_q = 1.0 if t is not None else math.exp(-float(log_q))
     sel, chain_weight = kern.select_chains(chains, generator)
     z, m = (x0, m0) if sel is None else (x0[sel], m0[sel])
     c = z.shape[0]
@@ -220,10 +224,20 @@ def _defect_gradient(
 ) -> Tensor:
     """g = grad_z r_hat(z) at z = y (SPEC section 2, steps 3-4), detached, shape (P, d).
 
-    autograd differentiates only the field: grad_z [eps^T J_f eps + f . stopgrad(s_hat)]
-    (one vector-Jacobian product kept in the graph, then one backward); the batch-score
-    terms come in closed form from :meth:`BatchKernel.score_terms`.
+    Only the field is differentiated: grad_z [eps^T J_f eps + f . stopgrad(s_hat)], by the
+    field's closed-form ``defect_pullback`` where it has one (see
+    :mod:`fluxbench.fields.base`), else by autograd (one vector-Jacobian product kept in the
+    graph, then one backward); the batch-score terms come in closed form from
+    :meth:`BatchKernel.score_terms`.
     """
+    if probe is not None and hasattr(field, "defect_pullback"):
+        z = y.detach().to(field_dtype)
+        with torch.no_grad():
+            fast = field.defect_pullback(z, probe.to(field_dtype))
+            if fast is not None:
+                f = _field_at(lambda _: fast[0], z, "field")
+                s, g_s = kern.score_terms(y, f, probe)
+                return g_s + fast[1](s.to(f.dtype)).to(g_s.dtype)
     with torch.enable_grad():
         z = y.detach().to(field_dtype).requires_grad_(True)
         f = _field_at(field, z, "field")

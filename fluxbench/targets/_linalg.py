@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import all_finite
+
 __all__ = [
     "LOG_2PI",
     "as_float64",
@@ -49,7 +51,7 @@ def as_float64(value: object, name: str, device: torch.device | str | None = Non
 
 def check_finite_parameter(t: Tensor, name: str) -> None:
     """Raise ``ValueError`` if the parameter tensor ``t`` has a NaN or inf entry."""
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(f"{name} contains NaN or inf entries (shape {tuple(t.shape)})")
 
 
