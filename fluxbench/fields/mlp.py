@@ -51,6 +51,7 @@ def _tanh_terms(a: Tensor, a_tangent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 _TERMS = {nn.SiLU: _silu_terms, nn.Tanh: _tanh_terms}
 
 
+@torch.no_grad()
 def _mlp_defect_pullback(
     net: nn.Sequential, x_in: Tensor, probe: Tensor, d: int, scale: Tensor | None
 ) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
@@ -95,6 +96,7 @@ def _mlp_defect_pullback(
         f = f / scale
     calls = []
 
+    @torch.no_grad()
     def pullback(s: Tensor) -> Tensor:
         if calls:
             raise RuntimeError("this defect pullback was already used (it consumes its saved tensors)")
