@@ -490,7 +490,7 @@ def _blocks_mean(q: Tensor, kf: KeyFrame, v: Tensor, name: object, chunk_size: i
     def fill(low: Tensor | None) -> None:
         for gs, rs in blocks:
             if low is None or bool(low[gs, rs].any()):
-                w = kern.block(gs, rs, low)
+                w = kern.weights(gs, rs) if low is None else kern.shifted_weights(gs, rs)
                 vg = vt[gs] if vt.shape[0] > 1 else vt.expand(w.shape[0], -1, -1)
                 # (e+1, M) x (M, r): the long dimension inside, which BLAS streams best
                 acc[gs, :, rs] = torch.bmm(vg, w.transpose(1, 2))

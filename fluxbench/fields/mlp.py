@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_points, check_positive_int
@@ -85,13 +86,13 @@ def _mlp_defect_pullback(
     h, tangent, layers = x_in, probe, []
     for i, (lin, act) in enumerate(zip(linears, acts)):
         weight = lin.weight if i else lin.weight[:, :d]
-        a = torch.addmm(lin.bias, h, lin.weight.t()) if lin.bias is not None else h @ lin.weight.t()
+        a = F.linear(h, lin.weight, lin.bias)
         a_tangent = tangent @ weight.t()
         h, first, curvature = _TERMS[type(act)](a, a_tangent)
         tangent = first * a_tangent
         layers.append((first, curvature, weight))
     last = linears[-1]
-    f = h @ last.weight.t() if last.bias is None else torch.addmm(last.bias, h, last.weight.t())
+    f = F.linear(h, last.weight, last.bias)
     if scale is not None:
         f = f / scale
     calls = []
@@ -147,16 +148,21 @@ class MLPField(nn.Module):
         self.sigma_conditioned = bool(sigma_conditioned)
         self.net = _mlp(self.dim + int(self.sigma_conditioned), self.dim, tuple(hidden), activation)
 
-    def forward(self, x: Tensor, sigma: Tensor | float | None = None) -> Tensor:
-        """Evaluate the field: x (N, d) [, sigma scalar] -> (N, d)."""
+    def _net_input(self, x: Tensor, sigma: Tensor | float | None) -> tuple[Tensor, Tensor | None]:
+        """The network's input ([x, log sigma] when conditioned) and the output's divisor."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             check_points(x, "x", dim=self.dim, finite=False)
         if not self.sigma_conditioned:
-            return self.net(x)
+            return x, None
         if sigma is None:
             raise ValueError("this MLPField is sigma-conditioned: call it as model(x, sigma)")
         s = _sigma_column(x, sigma)
-        return self.net(torch.cat([x, s.log()], dim=1)) / s
+        return torch.cat([x, s.log()], dim=1), s
+
+    def forward(self, x: Tensor, sigma: Tensor | float | None = None) -> Tensor:
+        """Evaluate the field: x (N, d) [, sigma scalar] -> (N, d)."""
+        x_in, scale = self._net_input(x, sigma)
+        return self.net(x_in) if scale is None else self.net(x_in) / scale
 
     def defect_pullback(
         self, x: Tensor, probe: Tensor, sigma: Tensor | float | None = None
@@ -170,15 +176,7 @@ class MLPField(nn.Module):
         """
         if type(self).forward is not MLPField.forward or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
             return None
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            check_points(x, "x", dim=self.dim, finite=False)
-        scale = None
-        x_in = x
-        if self.sigma_conditioned:
-            if sigma is None:
-                raise ValueError("this MLPField is sigma-conditioned: call it as model(x, sigma)")
-            scale = _sigma_column(x, sigma)
-            x_in = torch.cat([x, scale.log()], dim=1)
+        x_in, scale = self._net_input(x, sigma)
         return _mlp_defect_pullback(self.net, x_in, probe, self.dim, scale)
 
 

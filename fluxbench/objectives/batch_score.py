@@ -228,11 +228,13 @@ class _Keys:
     queries are chunked.
     """
 
-    def __init__(self, x: Tensor, var: float):
+    def __init__(self, x: Tensor, var: float, bias: Tensor | None = None):
         self.x = x
         self.t = x.T.contiguous()  # (d, M)
+        if bias is None:  # else given: a KeyFrame's -|x|^2 / (2 var), already computed
+            bias = x.square().sum(1).mul_(-0.5 / var)
         # (d + 1, M) [x / var; -|x|^2 / (2 var)]: logits of queries [z, 1] in one product
-        self.logit_t = torch.cat([self.t / var, x.square().sum(1).mul_(-0.5 / var)[None]])
+        self.logit_t = torch.cat([self.t / var, bias[None]])
         self.with_mass = _with_ones(x)  # (M, d + 1) [x, 1]
 
     def logits(self, z: Tensor) -> Tensor:
@@ -480,7 +482,7 @@ class FusedBatchKernel(BatchKernel):
         s, cw, third = torch.empty_like(y), torch.empty_like(y), torch.empty_like(y)
         for gi in range(frames.n_groups):
             rows = slice(gi * per, (gi + 1) * per)
-            keys = _Keys(self.x_keys.k[gi], var)  # keys in this frame's coordinates
+            keys = _Keys(self.x_keys.k[gi], var, self.x_keys.bias[gi])  # in this frame's coordinates
             yc = y[rows] - frames.centres[gi].to(y.dtype)
             w = _shifted_exp(keys.logits(yc), -_LOGIT_FLOOR)
             s[rows], cw[rows], third[rows] = _block_moments(w, keys, yc, f[rows], None if eps is None else eps[rows], var)

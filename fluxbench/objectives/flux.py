@@ -230,16 +230,18 @@ def _defect_gradient(
     graph, then one backward); the batch-score terms come in closed form from
     :meth:`BatchKernel.score_terms`.
     """
+    z = y.detach().to(field_dtype)
+    fast = None
     if probe is not None and hasattr(field, "defect_pullback"):
-        z = y.detach().to(field_dtype)
         with torch.no_grad():
             fast = field.defect_pullback(z, probe.to(field_dtype))
-            if fast is not None:
-                f = _field_at(lambda _: fast[0], z, "field")
-                s, g_s = kern.score_terms(y, f, probe)
-                return g_s + fast[1](s.to(f.dtype)).to(g_s.dtype)
+    if fast is not None:
+        f, pullback = fast
+        s, g_s = kern.score_terms(y, check_field_output(f, z, "field"), probe)
+        with torch.no_grad():
+            return g_s + pullback(s.to(f.dtype)).to(g_s.dtype)
     with torch.enable_grad():
-        z = y.detach().to(field_dtype).requires_grad_(True)
+        z.requires_grad_(True)
         f = _field_at(field, z, "field")
         s, g_s = kern.score_terms(y, f.detach(), probe)
         phi = (f * s.to(f.dtype)).sum()
