@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,6 +111,17 @@ def test_proposal_keeps_the_loss_unbiased():
         [flux_matching_loss(lambda z: z @ a.T + c, x, sigma, proposal=prop, generator=gen(k))[0] for k in range(3000)]
     ).detach()
     assert abs(float(vals.mean()) - expect) < 4 * float(vals.std()) / math.sqrt(len(vals))
+
+
+def test_proposal_graph_stays_with_log_q():
+    """The importance weight uses log q(t)'s value only (no warning, no gradient path to the
+    proposal through the loss); log q keeps its graph for the REINFORCE surrogate."""
+    prop = ExponentialTimeProposal(4.0, a=0.3, b=1.0).double()
+    x = torch.randn(8, 2, dtype=F64, generator=gen(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, info = flux_matching_loss(lambda z: -z, x, 0.5, proposal=prop, generator=gen(2), return_info=True)
+    assert info.log_q.requires_grad and not loss.requires_grad
 
 
 def test_loss_normaliser_fixed_point():

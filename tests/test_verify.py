@@ -23,7 +23,7 @@ from fluxbench.verify import (
     stationarity_test,
     stein_kernel,
 )
-from fluxbench.verify.stein import ksd_pass
+from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_pass
 
 F64 = torch.float64
 
@@ -225,8 +225,9 @@ def test_report_fields_str_and_reproducibility():
     assert isinstance(rep, StationarityReport)
     assert rep.method == "ksd" and rep.n == 400 and rep.d == 3 and rep.alpha == 0.01
     assert 0 < rep.p_value <= 1 and rep.passed == (rep.p_value >= rep.alpha)
-    assert len(rep.lengthscales) == 5 and rep.median_lengthscale > 0 and rep.n_bootstrap == 1000
-    assert len(rep.ksd2) == 5 and all(s > 0 for s in rep.ksd2_sd)
+    n_ells = len(DEFAULT_LENGTHSCALE_FACTORS)
+    assert len(rep.lengthscales) == n_ells and rep.median_lengthscale > 0 and rep.n_bootstrap == 1000
+    assert len(rep.ksd2) == n_ells and all(s > 0 for s in rep.ksd2_sd)
     assert rep.statistic == pytest.approx(max(rep.details["standardised"]))
     text = str(rep)
     assert "p-value" in text and "ksd" in text and "lengthscales" in text and "PASS" in text
@@ -480,3 +481,12 @@ def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
     assert (after["p_ksd_sum"] == -1.0).all()
     assert after["p_ksd"].tolist() == before["p_ksd"].tolist()
     assert after["p_rollout"].tolist() == before["p_rollout"].tolist()
+    # --rerun-ksd is the converse: KSD recomputed, rollout columns read back
+    pv = after.copy()
+    pv["rollout_seconds"] = -1.0
+    pv.to_csv(out / "pvalues.csv", index=False)
+    assert calibrate.main(args + ["--rerun-ksd"]) == 0
+    again = pd.read_csv(out / "pvalues.csv").sort_values(["case", "seed"]).reset_index(drop=True)
+    assert (again["rollout_seconds"] == -1.0).all() and (again["p_ksd_sum"] != -1.0).all()
+    assert again["p_ksd"].tolist() == before["p_ksd"].tolist()
+    assert again["p_rollout"].tolist() == before["p_rollout"].tolist()

@@ -167,6 +167,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "sign of the third-moment term in grad D_s",
     ),
     Mutant(
+        "stein_kernel_constant",
+        "fluxbench/verify/stein.py",
+        "inner = (t.c3 + tt).sub_(4.0)",
+        "inner = (t.c3 + tt).sub_(2.0)",
+        "the -4 a^3 |delta|^2 term of the Stein kernel halved in the chunked KSD pass",
+    ),
+    Mutant(
         "dsm_target_sign",
         "fluxbench/objectives/dsm.py",
         "s_target = -xi / sig",

@@ -182,7 +182,7 @@ def flux_matching_loss(
         t_tensor, log_q = proposal.sample(sig, xc, generator)
         t_val = float(t_tensor)
     t_val = max(t_val, T_MIN)
-    inv_q = 1.0 if t is not None else math.exp(-float(log_q))
+    inv_q = 1.0 if t is not None else math.exp(-float(log_q.detach()))  # log_q may carry the proposal's graph
     sel, chain_weight = kern.select_chains(chains, generator)
     z, m = (x0, m0) if sel is None else (x0[sel], m0[sel])
     c = z.shape[0]

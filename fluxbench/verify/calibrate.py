@@ -2,7 +2,7 @@
 
     python -m fluxbench.verify.calibrate [--seeds 100] [--n 2000] [--quick] [--jobs 1]
                                          [--cases PATTERN[,PATTERN...]] [--out DIR]
-                                         [--rerun-rollout] [--refresh-w2]
+                                         [--rerun-ksd | --rerun-rollout] [--refresh-w2]
 
 For every case (a target, a field, and whether the target is stationary for the field) and
 every seed, N exact samples of the target are drawn and tested with ``method="ksd"`` and
@@ -26,7 +26,7 @@ Results are appended per case with atomic writes (``fluxbench._io.write_text``):
 interrupted run loses at most the case in progress, and a rerun skips the cases already
 in the CSV with the same N and number of seeds. ``--rerun-rollout`` recomputes the
 rollout p-values of every selected case on the same samples, reusing the stored KSD
-p-values (after a change to the rollout test only).
+p-values (after a change to the rollout test only); ``--rerun-ksd`` does the converse.
 
 W2 of a perturbation: ``w2_rollout`` is the exact W2 (:func:`fluxbench.metrics.w2`) between
 2000 target samples pushed through a long Langevin run of the perturbed field (schedule of
@@ -56,7 +56,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,34 +415,53 @@ def _wrong_weights(case: Case) -> Tensor:
 
 # --------------------------------------------------------------------------- running a case
 KSD_COLUMNS = ("p_ksd", "p_ksd_median", "p_ksd_sum", "ksd_seconds")
+ROLLOUT_COLUMNS = ("p_rollout", "rollout_seconds", "eps", "n_steps")
+
+
+def seed_samples(target, seed: int, n: int) -> Tensor:
+    """The n samples of a case's target tested under ``seed`` (the same in every run and tool)."""
+    return target.sample(n, generator=torch.Generator().manual_seed(1_000_003 * (seed + 1)))
+
+
+def select_cases(patterns: str, names: Sequence[str]) -> list[str]:
+    """The names matching any of the comma-separated glob ``patterns``, in ``names``' order."""
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [c for c in names if any(fnmatch.fnmatch(c, p) for p in pats)]
 
 
 def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress: bool = False,
-             ksd_rows: pd.DataFrame | None = None) -> pd.DataFrame:
+             ksd_rows: pd.DataFrame | None = None, rollout_rows: pd.DataFrame | None = None) -> pd.DataFrame:
     """All seeds of one case: a DataFrame of p-values (one row per seed).
 
-    ``ksd_rows`` (earlier p-values of the case, one row per seed) skips the KSD test of the
-    seeds it holds and reuses its columns: the samples of a seed are the same in every run,
-    so only the rollout test is recomputed (``--rerun-rollout``).
+    ``ksd_rows`` / ``rollout_rows`` (earlier p-values of the case, one row per seed) skip
+    that test for the seeds they hold and reuse its columns: the samples of a seed are the
+    same in every run, so only the other test is recomputed (``--rerun-rollout``,
+    ``--rerun-ksd``).
     """
     from fluxbench.verify.stationarity import combined_p_value, ksd_test, rollout_test
 
+    def by_seed(rows: pd.DataFrame | None) -> dict:
+        return {} if rows is None else {int(r["seed"]): r for _, r in rows.iterrows()}
+
     target, field, _ = make_case(case)
-    reuse = {} if ksd_rows is None else {int(r["seed"]): r for _, r in ksd_rows.iterrows()}
+    ksd_reuse, rollout_reuse = by_seed(ksd_rows), by_seed(rollout_rows)
     rows = []
     for s in range(seed_offset, seed_offset + n_seeds):
-        g = torch.Generator().manual_seed(1_000_003 * (s + 1))
-        x = target.sample(n, generator=g)
+        x = seed_samples(target, s, n)
         t0 = time.perf_counter()
-        if s in reuse:
-            ksd = {k: float(reuse[s][k]) for k in KSD_COLUMNS}
+        if s in ksd_reuse:
+            ksd = {k: float(ksd_reuse[s][k]) for k in KSD_COLUMNS}
         else:
             rk = ksd_test(field, x, seed=s)
             ksd = {"p_ksd": rk.p_value, "p_ksd_median": rk.details.get("p_value_median", math.nan),
                    "p_ksd_sum": rk.details["p_value_sum"], "ksd_seconds": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        rr = rollout_test(field, x, seed=s, compute_w2=False)
-        t2 = time.perf_counter()
+        if s in rollout_reuse:
+            roll = {k: rollout_reuse[s][k] for k in ROLLOUT_COLUMNS}
+        else:
+            rr = rollout_test(field, x, seed=s, compute_w2=False)
+            roll = {"p_rollout": rr.p_value, "rollout_seconds": time.perf_counter() - t1, "eps": rr.eps,
+                    "n_steps": rr.n_steps}
         rows.append(
             {
                 "case": case.name,
@@ -450,17 +469,17 @@ def run_case(case: Case, *, n: int, n_seeds: int, seed_offset: int = 0, progress
                 "p_ksd": ksd["p_ksd"],
                 "p_ksd_median": ksd["p_ksd_median"],
                 "p_ksd_sum": ksd["p_ksd_sum"],
-                "p_rollout": rr.p_value,
-                "p_combined": combined_p_value(ksd["p_ksd"], rr.p_value),
+                "p_rollout": float(roll["p_rollout"]),
+                "p_combined": combined_p_value(ksd["p_ksd"], float(roll["p_rollout"])),
                 "ksd_seconds": ksd["ksd_seconds"],
-                "rollout_seconds": t2 - t1,
-                "eps": rr.eps,
-                "n_steps": rr.n_steps,
+                "rollout_seconds": float(roll["rollout_seconds"]),
+                "eps": float(roll["eps"]),
+                "n_steps": int(roll["n_steps"]),
             }
         )
         if progress:
-            print(f"  {case.name} seed {s}: p_ksd {ksd['p_ksd']:.3f} p_rollout {rr.p_value:.3f} "
-                  f"({ksd['ksd_seconds']:.2f} s + {t2 - t1:.2f} s)", flush=True)
+            print(f"  {case.name} seed {s}: p_ksd {ksd['p_ksd']:.3f} p_rollout {float(roll['p_rollout']):.3f} "
+                  f"({ksd['ksd_seconds']:.2f} s + {float(roll['rollout_seconds']):.2f} s)", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -519,11 +538,11 @@ def summarise(case: Case, pv: pd.DataFrame, w2info: dict | None, n: int) -> pd.D
 
 
 def _case_job(args: tuple) -> tuple[str, pd.DataFrame, pd.DataFrame, float]:
-    name, n, n_seeds, progress, w2_n, ksd_rows = args
+    name, n, n_seeds, progress, w2_n, ksd_rows, rollout_rows = args
     torch.set_num_threads(1)
     case = CASE_BY_NAME[name]
     start = time.perf_counter()
-    pv = run_case(case, n=n, n_seeds=n_seeds, progress=progress, ksd_rows=ksd_rows)
+    pv = run_case(case, n=n, n_seeds=n_seeds, progress=progress, ksd_rows=ksd_rows, rollout_rows=rollout_rows)
     w2info = perturbation_w2(case, n=w2_n) if case.family != "stationary" else None
     table = summarise(case, pv, w2info, n)
     return name, table, pv, time.perf_counter() - start
@@ -553,6 +572,12 @@ def _in_case_order(table: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(by=["case"], key=lambda s: s.map(order), kind="stable")
 
 
+def _factors_text() -> str:
+    from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS
+
+    return ", ".join(f"{c:g}" for c in DEFAULT_LENGTHSCALE_FACTORS)
+
+
 def _fmt_rate(r: pd.Series) -> str:
     mark = " **FAIL**" if r["meets"] == "no" else ""
     return f"{r['rate']:.2f} ± {r['se']:.2f}{mark}"
@@ -579,7 +604,8 @@ def write_summary(out: Path, table: pd.DataFrame, command: str, elapsed: dict[st
         "Each entry is the rejection rate ± its SE, sqrt(rate (1 - rate) / n_seeds), over the seeds.",
         "Requirements: stationary cases (false alarms) `rate <= alpha + 2 SE`; perturbed cases with",
         f"W2 >= {W2_THRESHOLD} (detections) `rate >= {POWER_TARGET}`. **FAIL** marks an entry that misses its",
-        "requirement. `ksd` (the default: maximum over 5 lengthscales), `rollout` and `combined` are the",
+        f"requirement. `ksd` (the default: maximum over the lengthscales {_factors_text()} x the median),",
+        "`rollout` and `combined` are the",
         "methods of `stationarity_test`; `ksd_median` (the median lengthscale alone) and `ksd_sum` (sum",
         "of the standardised statistics) are diagnostics computed from the same pass.",
         "",
@@ -663,8 +689,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="print every seed")
     parser.add_argument("--w2-n", type=int, default=2000, help="points of the W2 estimates of the perturbations")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
-    parser.add_argument("--rerun-rollout", action="store_true",
-                        help="recompute the rollout p-values of the cases already in the CSV, reusing their KSD p-values")
+    rerun = parser.add_mutually_exclusive_group()
+    rerun.add_argument("--rerun-rollout", action="store_true",
+                       help="recompute the rollout p-values of the cases already in the CSV, reusing their KSD p-values")
+    rerun.add_argument("--rerun-ksd", action="store_true",
+                       help="recompute the KSD p-values of the cases already in the CSV, reusing their rollout p-values")
     parser.add_argument("--refresh-w2", action="store_true",
                         help="recompute the W2 columns of the cases already in the CSV (seeds are not rerun)")
     args = parser.parse_args(argv)
@@ -681,8 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = 10 if args.seeds == 100 else args.seeds
         cases = list(QUICK_CASES)
     if args.cases:
-        pats = [p.strip() for p in args.cases.split(",") if p.strip()]
-        cases = [c for c in cases if any(fnmatch.fnmatch(c, p) for p in pats)]
+        cases = select_cases(args.cases, cases)
         if not cases:
             parser.error(f"no case matches {args.cases!r}; see --list")
     out.mkdir(parents=True, exist_ok=True)
@@ -693,10 +721,15 @@ def main(argv: list[str] | None = None) -> int:
         same = existing[(existing["n"] == args.n) & (existing["n_seeds"] == seeds)]
         done = set(same["case"])
     ksd_reuse: dict[str, pd.DataFrame] = {}
-    if args.rerun_rollout:
+    rollout_reuse: dict[str, pd.DataFrame] = {}
+    if args.rerun_rollout or args.rerun_ksd:
         old_pv = _read(pv_path)
         if old_pv is not None:
-            ksd_reuse = {c: old_pv[old_pv["case"] == c] for c in done}
+            kept = {c: old_pv[old_pv["case"] == c] for c in done}
+            if args.rerun_rollout:
+                ksd_reuse = kept
+            else:
+                rollout_reuse = kept
         done = set()
     # the perturbed cases first (they decide the design), then the stationary ones
     todo = sorted((c for c in cases if c not in done), key=lambda c: CASE_BY_NAME[c].family == "stationary")
@@ -724,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{seeds} seeds, N = {args.n}", flush=True)
     elapsed: dict[str, float] = {}
     table = existing if existing is not None else pd.DataFrame()
-    jobs = [(c, args.n, seeds, args.progress, args.w2_n, ksd_reuse.get(c)) for c in todo]
+    jobs = [(c, args.n, seeds, args.progress, args.w2_n, ksd_reuse.get(c), rollout_reuse.get(c)) for c in todo]
 
     def record(name: str, rows: pd.DataFrame, pv: pd.DataFrame, secs: float) -> None:
         nonlocal table
