@@ -7,6 +7,7 @@ errors, SE) next to the assertion and use fixed seeds.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -490,3 +491,28 @@ def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
     assert (again["rollout_seconds"] == -1.0).all() and (again["p_ksd_sum"] != -1.0).all()
     assert again["p_ksd"].tolist() == before["p_ksd"].tolist()
     assert again["p_rollout"].tolist() == before["p_rollout"].tolist()
+
+
+def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
+    """tools/ksd_grid.py: a sub-grid's p-value from the fine pass is ksd_test's with that grid."""
+    import importlib.util
+
+    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
+
+    spec = importlib.util.spec_from_file_location("ksd_grid", Path(__file__).parents[1] / "tools" / "ksd_grid.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    name, seeds, n = "iso2-rot_sym", range(1000, 1003), 300
+    z, zb = tool.case_draws(name, seeds, n)
+    rows = {r["grid"]: r for r in tool.grid_rates(name, z, zb)}
+    assert set(rows) == set(tool.GRIDS)
+    target, field, _ = make_case(CASE_BY_NAME[name])
+    for factors in (tool.GRIDS["0.25-4 (5)"], tool.GRIDS["0.35, 1"], DEFAULT_LENGTHSCALE_FACTORS):
+        p = tool.grid_p_values(z, zb, tuple(factors))
+        for k, s in enumerate(seeds):
+            rep = stationarity_test(field, seed_samples(target, s, n), seed=s, lengthscale_factors=factors)
+            assert float(p[k]) == pytest.approx(rep.p_value, rel=1e-12)
+        assert rows[next(g for g, f in tool.GRIDS.items() if f == tuple(factors))]["rejections"] == int((p < 0.01).sum())
+    assert tool.main(["--cases", name, "--seeds", "1000", "1002", "--n", "200", "--out", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "0.25-1 (3)" in readme and "iso2-rot_sym" in readme and (tmp_path / "rates.csv").exists()

@@ -1,7 +1,8 @@
 """Compare lengthscale grids of the KSD test on the calibration cases, on seeds apart from the table's.
 
-    python tools/ksd_grid.py                                   # defaults below, about 15 min with --jobs 2
+    python tools/ksd_grid.py --jobs 2                          # defaults below, about 20 min here
     python tools/ksd_grid.py --cases 'iso2-*' --seeds 1000 1020 --out /tmp/grid
+    python tools/ksd_grid.py --render                          # rewrite README.md from rates.csv
 
 For every case and seed the samples are those of ``fluxbench.verify.calibrate``
 (:func:`~fluxbench.verify.calibrate.seed_samples`), and one pass of the KSD
@@ -16,8 +17,8 @@ The grid of ``DEFAULT_LENGTHSCALE_FACTORS`` was chosen from this table on seeds
 1000-1099; the calibration table (``results/calibration``, seeds 0-99) is the held-out
 evaluation of that choice.
 
-Writes ``OUT/rates.csv`` (case, family, grid, rejections, rate, se at alpha = 0.01) and
-``OUT/README.md`` (the table, the command, date and machine).
+Writes ``OUT/rates.csv`` (case, family, grid, rejections, rate, se at alpha = 0.01),
+``OUT/run.md`` (the command, date and machine) and ``OUT/README.md`` (both, as a table).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from fluxbench._io import write_text
 from fluxbench._random import generator_from_seed
 from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
 from fluxbench.verify.stationarity import _evaluate, _standardised_ksd
-from fluxbench.verify.stein import default_n_bootstrap, resolve_lengthscales
+from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, default_n_bootstrap, resolve_lengthscales
 
 FINE_FACTORS = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
 GRIDS = {
@@ -75,14 +76,19 @@ def case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, torch.Ten
     return torch.stack(zs), torch.stack(zbs)
 
 
+def grid_p_values(z: torch.Tensor, zb: torch.Tensor, grid: tuple[float, ...]) -> torch.Tensor:
+    """(S,) p-values of the max-over-``grid`` test from the fine pass's z (S, L) and z* (S, L, B)."""
+    idx = [FINE_FACTORS.index(c) for c in grid]
+    stat = z[:, idx].max(1).values
+    null = zb[:, idx, :].max(1).values
+    tol = 1e-9 * stat.abs().clamp(min=1.0)  # ties within round-off count as exceedances, as in ksd_test
+    return (1 + (null >= (stat - tol)[:, None]).sum(1)).double() / (1 + null.shape[1])
+
+
 def grid_rates(name: str, z: torch.Tensor, zb: torch.Tensor) -> list[dict]:
     rows = []
     for label, grid in GRIDS.items():
-        idx = [FINE_FACTORS.index(c) for c in grid]
-        stat = z[:, idx].max(1).values
-        null = zb[:, idx, :].max(1).values
-        tol = 1e-9 * stat.abs().clamp(min=1.0)
-        p = (1 + (null >= (stat - tol)[:, None]).sum(1)) / (1 + null.shape[1])
+        p = grid_p_values(z, zb, grid)
         rej = int((p < ALPHA).sum())
         rate = rej / len(p)
         rows.append({"case": name, "family": CASE_BY_NAME[name].family, "grid": label, "n_seeds": len(p),
@@ -104,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", default="results/calibration/ksd-grid")
+    parser.add_argument("--render", action="store_true", help="rewrite OUT/README.md from OUT/rates.csv and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        render(Path(args.out))
+        return 0
     cases = list(DEFAULT_CASES)
     if args.cases:
         cases = select_cases(args.cases, list(CASE_BY_NAME))
@@ -140,23 +150,35 @@ def write_outputs(out: Path, rates: pd.DataFrame, command: str, date: str, secon
     buf = io.StringIO()
     rates.to_csv(buf, index=False)
     write_text(out / "rates.csv", buf.getvalue())
-    order = {c: i for i, c in enumerate(CASE_BY_NAME)}
-    table = rates.pivot(index="case", columns="grid", values="rate")[list(GRIDS)]
-    table = table.loc[sorted(table.index, key=order.get)]
-    lines = [
-        "# KSD lengthscale grids compared (rejection rate at alpha = 0.01)",
-        "",
-        f"Produced by `tools/ksd_grid.py` (see its docstring for the protocol).",
-        "",
+    header = [
         f"- command: `{command}`",
         f"- date: {date}",
         f"- machine: {platform.platform()}, {platform.machine()}, torch {torch.__version__}, one thread per process",
         f"- N = {n} samples per seed; seeds {seeds.start}-{seeds.stop - 1} (the calibration table uses 0-99);"
         f" CPU seconds summed over cases: {seconds:.0f}",
+    ]
+    write_text(out / "run.md", "\n".join(header) + "\n")
+    render(out)
+
+
+def render(out: Path) -> None:
+    """OUT/README.md from OUT/rates.csv and the run's header in OUT/run.md."""
+    rates = pd.read_csv(out / "rates.csv")
+    order = {c: i for i, c in enumerate(CASE_BY_NAME)}
+    table = rates.pivot(index="case", columns="grid", values="rate")[[g for g in GRIDS if g in set(rates["grid"])]]
+    table = table.loc[sorted(table.index, key=order.get)]
+    default = next((g for g, f in GRIDS.items() if f == tuple(DEFAULT_LENGTHSCALE_FACTORS)), None)
+    lines = [
+        "# KSD lengthscale grids compared (rejection rate at alpha = 0.01)",
+        "",
+        "Produced by `tools/ksd_grid.py` (see its docstring for the protocol).",
+        "",
+        *(out / "run.md").read_text().splitlines(),
         "",
         "Columns are grids in units of the median heuristic (the maximum of standardised statistics over",
         "the grid, wild bootstrap shared across lengthscales). Rows: perturbed cases are detection",
         "rates, stationary cases false-alarm rates; SE = sqrt(rate (1 - rate) / n_seeds) <= 0.05.",
+        f"The default of `ksd_test` (`DEFAULT_LENGTHSCALE_FACTORS`) is the column `{default}`.",
         "",
         "| case | " + " | ".join(table.columns) + " |",
         "|---|" + "---|" * len(table.columns),
