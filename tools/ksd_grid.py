@@ -38,7 +38,7 @@ import torch
 from fluxbench._io import write_text
 from fluxbench._random import generator_from_seed
 from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
-from fluxbench.verify.stationarity import _evaluate, _standardised_ksd
+from fluxbench.verify.stationarity import _bootstrap_p_values, _evaluate, _standardised_ksd, _tie_tolerance
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, default_n_bootstrap, resolve_lengthscales
 
 FINE_FACTORS = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
@@ -63,7 +63,6 @@ ALPHA = 0.01
 
 def case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """z (S, L) and z* (S, L, B) of one case over the seeds, L = len(FINE_FACTORS)."""
-    torch.set_num_threads(1)
     target, field, _ = make_case(CASE_BY_NAME[name])
     zs, zbs = [], []
     for s in seeds:
@@ -79,10 +78,8 @@ def case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, torch.Ten
 def grid_p_values(z: torch.Tensor, zb: torch.Tensor, grid: tuple[float, ...]) -> torch.Tensor:
     """(S,) p-values of the max-over-``grid`` test from the fine pass's z (S, L) and z* (S, L, B)."""
     idx = [FINE_FACTORS.index(c) for c in grid]
-    stat = z[:, idx].max(1).values
-    null = zb[:, idx, :].max(1).values
-    tol = 1e-9 * stat.abs().clamp(min=1.0)  # ties within round-off count as exceedances, as in ksd_test
-    return (1 + (null >= (stat - tol)[:, None]).sum(1)).double() / (1 + null.shape[1])
+    zg = z[:, idx]
+    return _bootstrap_p_values(zg.max(1).values, zb[:, idx, :].max(1).values, _tie_tolerance(zg))
 
 
 def grid_rates(name: str, z: torch.Tensor, zb: torch.Tensor) -> list[dict]:
@@ -98,6 +95,7 @@ def grid_rates(name: str, z: torch.Tensor, zb: torch.Tensor) -> list[dict]:
 
 def _job(args: tuple) -> tuple[str, list[dict], float]:
     name, seeds, n = args
+    torch.set_num_threads(1)
     start = time.perf_counter()
     z, zb = case_draws(name, seeds, n)
     return name, grid_rates(name, z, zb), time.perf_counter() - start

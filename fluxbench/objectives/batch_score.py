@@ -204,13 +204,13 @@ def _dense_transition(
     expanded = torch.finfo(mu.dtype).eps * float(sq.max()) / v <= 1e-4
     if expanded:
         bias = sq.mul_(-0.5 / v) if anchor_bias is None else sq.mul_(-0.5 / v).add_(anchor_bias)
-        keys = torch.cat([mu_c.T / v, bias[None]])  # (d + 1, M): queries [y, 1], one product
+        keys = _Keys(mu_c, v, bias)
     # accumulated as (d, M): a product with the long side last is ~3x faster than (M, d)
     out_t = mu.new_zeros(mu.shape[1], mu.shape[0])
     for start in range(0, y.shape[0], chunk):
         b = slice(start, start + chunk)
         if expanded:
-            logits = torch.mm(_with_ones(y[b] - centre), keys)
+            logits = keys.logits(y[b] - centre)
         else:
             logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
             if anchor_bias is not None:
@@ -221,7 +221,8 @@ def _dense_transition(
 
 
 class _Keys:
-    """Keys (M, d) of a materialised block in the layouts its products need, built once.
+    """Keys (M, d) of a materialised block in the layouts its products need, each built
+    once (the sums' layouts on first use: the transition block needs only the logits).
 
     Sums stay (n, M) x (M, d + 1): the transposed (d + 1, M) x (M, n) is 2-3x faster on
     CPU, but its rounding depends on n, and a query's value must not depend on how the
@@ -230,15 +231,23 @@ class _Keys:
 
     def __init__(self, x: Tensor, var: float, bias: Tensor | None = None):
         self.x = x
-        self.t = x.T.contiguous()  # (d, M)
-        if bias is None:  # else given: a KeyFrame's -|x|^2 / (2 var), already computed
+        if bias is None:  # else given: -|x|^2 / (2 var) already computed, possibly plus a key bias
             bias = x.square().sum(1).mul_(-0.5 / var)
-        # (d + 1, M) [x / var; -|x|^2 / (2 var)]: logits of queries [z, 1] in one product
-        self.logit_t = torch.cat([self.t / var, bias[None]])
-        self.with_mass = _with_ones(x)  # (M, d + 1) [x, 1]
+        # (d + 1, M) [x / var; bias]: logits of queries [z, 1] in one product
+        self.logit_t = torch.cat([x.T / var, bias[None]])
+
+    @functools.cached_property
+    def t(self) -> Tensor:
+        """(d, M) the keys transposed, contiguous."""
+        return self.x.T.contiguous()
+
+    @functools.cached_property
+    def with_mass(self) -> Tensor:
+        """(M, d + 1) [x, 1]."""
+        return _with_ones(self.x)
 
     def logits(self, z: Tensor) -> Tensor:
-        """(n, M) z.x / var - |x|^2 / (2 var) for queries z (n, d) (expanded form)."""
+        """(n, M) z.x / var + bias (by default -|x|^2 / (2 var)) for queries z (n, d) (expanded form)."""
         return torch.mm(_with_ones(z), self.logit_t)
 
     def sums(self, w: Tensor) -> Tensor:
@@ -336,7 +345,7 @@ class DenseBatchKernel(BatchKernel):
         s, cw, third = self._by_blocks(block, y, f) if eps is None else self._by_blocks(block, y, f, eps)
         return s, _gradient_terms(s, f, cw, third, self.var)
 
-    def _by_blocks(self, fn, *rows: Tensor) -> Tensor:
+    def _by_blocks(self, fn, *rows: Tensor) -> Tensor | tuple[Tensor, ...]:
         """fn over row blocks of at most ``chunk`` rows, concatenated (one call for small inputs);
         fn returns a tensor or a tuple of tensors."""
         n = rows[0].shape[0]
