@@ -27,6 +27,7 @@ from fluxbench.metrics import (
     gaussian_w2,
     mmd2_unbiased,
     mmd_aggregated_test,
+    mmd_paired_test,
     mmd_permutation_test,
     noise_floor,
     rbf_kernel_mean,
@@ -553,6 +554,75 @@ def test_aggregated_test_sees_a_change_of_scale_in_high_dimension():
         res = mmd_aggregated_test(x, y, n_permutations=200, generator=g)
         assert res.p_value <= 0.01
         assert min(res.p_values[:2]) <= 0.01
+
+
+def _paired_u(x: torch.Tensor, y: torch.Tensor, ell: float) -> float:
+    """The paired MMD^2 U-statistic written out densely (independent of the chunked pass)."""
+    h = rbf_kernel(x, x, ell) + rbf_kernel(y, y, ell) - rbf_kernel(x, y, ell) - rbf_kernel(y, x, ell)
+    n = x.shape[0]
+    return float((h.sum() - h.diagonal().sum()) / (n * (n - 1)))
+
+
+def test_paired_test_statistic_is_the_u_statistic_in_any_chunking():
+    g = gen(31)
+    x = torch.randn(150, 3, generator=g, dtype=F64)
+    y = 0.5 * x + torch.randn(150, 3, generator=g, dtype=F64)
+    whole = mmd_paired_test(x, y, lengthscales=[0.7, 1.5], n_bootstrap=300, generator=gen(2))
+    parts = mmd_paired_test(x, y, lengthscales=[0.7, 1.5], n_bootstrap=300, generator=gen(2), chunk_size=37)
+    for li, ell in enumerate((0.7, 1.5)):
+        assert float(whole.statistics[li]) == pytest.approx(_paired_u(x, y, ell), rel=1e-10)
+    torch.testing.assert_close(parts.statistics, whole.statistics, rtol=1e-10, atol=0.0)
+    # the bootstrap products are float32 GEMMs summed in another order: same p-values up to ties
+    assert parts.p_values == pytest.approx(whole.p_values, abs=2 / 301)
+    # one lengthscale alone: its p-value is the maximum's
+    one = mmd_paired_test(x, y, lengthscales=[1.5], n_bootstrap=300, generator=gen(2))
+    assert one.p_value == one.p_values[0] and one.standardised[0] == pytest.approx(whole.standardised[1])
+    med = median_bandwidth(x, y, generator=gen(4))
+    default = mmd_paired_test(x, y, n_bootstrap=10, generator=gen(4))
+    assert default.lengthscales == pytest.approx((med,))
+    with pytest.raises(ValueError, match="same shape"):
+        mmd_paired_test(x, y[:-1])
+    with pytest.raises(ValueError, match="lengthscale"):
+        mmd_paired_test(x, y, lengthscales=[])
+    with pytest.raises(ValueError, match="n_bootstrap"):
+        mmd_paired_test(x, y, n_bootstrap=0)
+
+
+def test_paired_statistic_is_unbiased_however_the_pairs_depend():
+    # y_i = x_i + 0.5 e_1 exactly: a pair's two points are as dependent as can be, but the
+    # U-statistic meets only independent points (i != j), so its mean is the population
+    # MMD^2 between N(0, I) and N(0.5 e_1, I) (closed form, rbf_kernel_mean). A version
+    # that pairs x_i with its own y_i in the cross term is biased by 2 E k(x, x + 0.5 e_1) / N.
+    m0, eye = torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64)
+    shift = torch.tensor([0.5, 0.0], dtype=F64)
+    ell = 1.0
+    exact = float(2 * rbf_kernel_mean(m0, eye, m0, eye, ell) - 2 * rbf_kernel_mean(m0, eye, shift, eye, ell))
+    vals = []
+    for s in range(40):
+        x = torch.randn(100, 2, generator=gen(7000 + s), dtype=F64)
+        vals.append(float(mmd_paired_test(x, x + shift, lengthscales=[ell], n_bootstrap=1, generator=gen(s)).statistics[0]))
+    v = torch.tensor(vals)
+    se = float(v.std() / math.sqrt(len(v)))
+    # within 4 SE of the closed form (SE over 40 seeds)
+    assert abs(float(v.mean()) - exact) < 4 * se, (float(v.mean()), exact, se)
+
+
+def test_paired_test_size_under_null_and_power():
+    # H0: y_i an exact AR(1) step from x_i ~ N(0, I_2) (dependent pairs, same marginal):
+    # 100 seeds, N = 100, rejection rate at 0.05 <= 0.05 + 3 SE = 0.115. H1: the step
+    # ends in N(0, 1.5^2 I): rejected on every one of 20 seeds.
+    rejections = 0
+    for s in range(100):
+        g = gen(8000 + s)
+        x = torch.randn(100, 2, generator=g)
+        y = 0.6 * x + 0.8 * torch.randn(100, 2, generator=g)
+        rejections += mmd_paired_test(x, y, n_bootstrap=200, generator=g).p_value <= 0.05
+    assert rejections / 100 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 100)
+    for s in range(20):
+        g = gen(9000 + s)
+        x = torch.randn(100, 2, generator=g)
+        y = 1.5 * (0.6 * x + 0.8 * torch.randn(100, 2, generator=g))
+        assert mmd_paired_test(x, y, n_bootstrap=200, generator=g).p_value <= 0.01
 
 
 def test_permutation_test_power_one_sigma_shift():

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from fluxbench.fields import ConstantAntisymmetric, RotationalField, ScalarAntisymmetric
+from fluxbench.samplers import ExactOU
 from fluxbench.targets import Gaussian, GaussianMixture
 from fluxbench.verify import (
     StationarityReport,
     check_field,
     current_divergence,
+    default_eps_factor,
     defect,
     ksd2,
     stationarity_test,
@@ -243,7 +245,7 @@ def test_report_fields_str_and_reproducibility():
 def test_rollout_mmd_is_aggregated_over_lengthscales_on_request():
     p = Gaussian.isotropic(2)
     x = p.sample(300, generator=gen(9))
-    opts = dict(method="rollout", step_size=0.01, n_steps=100, seed=1, n_permutations=200)
+    opts = dict(method="rollout", design="split", step_size=0.01, n_steps=100, seed=1, n_permutations=200)
     plain = stationarity_test(p.score, x, **opts)
     assert "mmd_lengthscales" not in plain.details and plain.statistic == plain.mmd2
     factors = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -253,7 +255,7 @@ def test_rollout_mmd_is_aggregated_over_lengthscales_on_request():
     assert rep.mmd_lengthscale == plain.mmd_lengthscale and rep.mmd2 == pytest.approx(plain.mmd2)
     assert rep.statistic == min(rep.details["mmd_p_value_per_lengthscale"])
     assert rep.p_value >= rep.statistic  # the min-p is calibrated upwards, never below
-    assert "aggregated over lengthscales" in str(rep)
+    assert "min-p over lengthscales" in str(rep)
     # without the median in the grid there is no MMD^2 at mmd_lengthscale to report
     off = stationarity_test(p.score, x, mmd_lengthscale_factors=(0.5, 2.0), **opts)
     assert off.mmd2 is None and off.mmd_lengthscale == plain.mmd_lengthscale and "n/a" in str(off)
@@ -263,12 +265,72 @@ def test_rollout_mmd_is_aggregated_over_lengthscales_on_request():
         stationarity_test(p.score, x, mmd_lengthscale_factors=factors, mmd_lengthscale=1.0, **opts)
 
 
+def test_paired_rollout_takes_the_maximum_over_lengthscales():
+    p = Gaussian.isotropic(2)
+    x = p.sample(300, generator=gen(9))
+    opts = dict(method="rollout", step_size=0.01, n_steps=100, seed=1, n_bootstrap=200)
+    plain = stationarity_test(p.score, x, **opts)
+    assert plain.details["design"] == "paired" and plain.n_bootstrap == 200 and plain.n_permutations is None
+    factors = (0.5, 1.0, 2.0)
+    rep = stationarity_test(p.score, x, mmd_lengthscale_factors=factors, **opts)
+    assert rep.details["mmd_lengthscales"] == pytest.approx(tuple(c * plain.mmd_lengthscale for c in factors))
+    # same chains, same median, same multipliers: the median's MMD^2 and p-value are the plain test's
+    assert rep.mmd2 == pytest.approx(plain.mmd2, rel=1e-6)
+    assert rep.details["mmd_p_value_per_lengthscale"][1] == plain.p_value
+    assert rep.statistic >= plain.statistic  # the maximum includes the median's standardised statistic
+    assert "max over lengthscales" in str(rep) and "wild-bootstrap draws" in str(rep)
+    with pytest.raises(ValueError, match="n_permutations belongs to design='split'"):
+        stationarity_test(p.score, x, method="rollout", n_permutations=100)
+    with pytest.raises(ValueError, match="n_bootstrap belongs to design='paired'"):
+        stationarity_test(p.score, x, method="rollout", design="split", n_bootstrap=100)
+    with pytest.raises(ValueError, match="unknown rollout design 'pairs'"):
+        stationarity_test(p.score, x, method="rollout", design="pairs")
+
+
+@pytest.mark.parametrize("time", [0.3, 2.0])
+def test_paired_rollout_is_valid_for_a_non_reversible_field(time):
+    # a strong rotation, sampled exactly (no discretisation bias): start and end of a
+    # chain are dependent and not exchangeable (a swap test would be invalid), yet the
+    # paired test's p-values must be uniform under H0
+    p = Gaussian.isotropic(2)
+    ou = ExactOU(torch.eye(2) + torch.tensor([[0.0, -4.0], [4.0, 0.0]]), torch.eye(2))
+
+    def sampler(field, x0, generator):
+        return ou.step(x0, time, generator=generator)
+
+    pv = []
+    for s in range(50):
+        x = p.sample(300, generator=gen(2000 + s))
+        rep = stationarity_test(ou.drift, x, method="rollout", sampler=sampler, seed=s, n_bootstrap=200, compute_w2=False)
+        pv.append(rep.p_value)
+    pv_t = torch.tensor(pv)
+    for level in (0.1, 0.5):
+        rate = float((pv_t < level).float().mean())
+        se = math.sqrt(level * (1 - level) / len(pv))
+        # within level +- 3 SE (SE of a Binomial(50, level) rate)
+        assert level - 3 * se <= rate <= level + 3 * se, (level, rate)
+
+
+def test_rollout_step_size_shrinks_with_n_above_the_calibrated_n():
+    # the ULA bias's shift of the statistic grows like N eps^2: eps ~ N^-1/2 above N = 2000
+    assert default_eps_factor(500) == default_eps_factor(2000) == 0.02
+    assert default_eps_factor(8000) == pytest.approx(0.01, rel=1e-12)
+    p = Gaussian.isotropic(2)
+    eps = {}
+    for n in (2000, 8000):
+        x = p.sample(n, generator=gen(10))
+        rep = stationarity_test(p.score, x, method="rollout", n_steps=5, seed=1, n_bootstrap=20, compute_w2=False)
+        eps[n] = rep.eps
+    # N(0, I): eps = eps_factor lam / lip^2 with lam = lip = 1 up to the finite differences
+    assert eps[2000] == pytest.approx(0.02, rel=0.05) and eps[8000] == pytest.approx(eps[2000] / 2, rel=0.05)
+
+
 def test_rollout_report_carries_eps_and_n_steps():
     p = Gaussian.isotropic(2)
     x = p.sample(300, generator=gen(9))
     rep = stationarity_test(p.score, x, method="rollout", step_size=0.01, n_steps=200, seed=1)
     assert rep.eps == 0.01 and rep.n_steps == 200 and rep.total_time == pytest.approx(2.0)
-    assert rep.w2 is not None and rep.w2_noise_floor is not None and rep.n_permutations == 1000
+    assert rep.w2 is not None and rep.w2_noise_floor is not None and rep.n_bootstrap == 1000
     assert "eps = 0.01" in str(rep) and "n_steps = 200" in str(rep)
     default = stationarity_test(p.score, x, method="rollout", seed=1)
     # default schedule for N(0, I): eps ~ 0.02 (1% variance bias), 20 relaxation times
@@ -284,9 +346,12 @@ def test_rollout_report_carries_eps_and_n_steps():
         return x0 + 0.0 * field(x0)
 
     custom = stationarity_test(p.score, x, method="rollout", sampler=sampler, seed=1, step_size=0.1, n_steps=3)
-    assert calls == [(150, 2)] and custom.eps == 0.1 and custom.n_steps == 3
-    # the identity "sampler" returns the held-in half itself: an exact draw of p, not rejected at 0.01
+    # paired design: a chain from every sample
+    assert calls == [(300, 2)] and custom.eps == 0.1 and custom.n_steps == 3
+    # the identity "sampler" leaves every chain where it started: not rejected
     assert custom.passed
+    split = stationarity_test(p.score, x, method="rollout", design="split", sampler=sampler, seed=1)
+    assert calls[-1] == (150, 2) and split.passed and split.n_permutations == 1000
 
 
 def test_combined_is_bonferroni_of_the_two_subtests():
@@ -493,15 +558,21 @@ def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
     assert again["p_rollout"].tolist() == before["p_rollout"].tolist()
 
 
-def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
-    """tools/ksd_grid.py: a sub-grid's p-value from the fine pass is ksd_test's with that grid."""
+def _grid_tool():
+    """tools/ksd_grid.py as a module (tools/ is not a package)."""
     import importlib.util
-
-    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
     spec = importlib.util.spec_from_file_location("ksd_grid", Path(__file__).parents[1] / "tools" / "ksd_grid.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
+    """tools/ksd_grid.py: a sub-grid's p-value from the fine pass is ksd_test's with that grid."""
+    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
+
+    tool = _grid_tool()
     name, seeds, n = "iso2-rot_sym", range(1000, 1003), 300
     z, zb = tool.case_draws(name, seeds, n)
     rows = {r["grid"]: r for r in tool.grid_rates(name, z, zb)}
@@ -516,3 +587,24 @@ def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
     assert tool.main(["--cases", name, "--seeds", "1000", "1002", "--n", "200", "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "0.25-1 (3)" in readme and "iso2-rot_sym" in readme and (tmp_path / "rates.csv").exists()
+    assert "`ksd_test` (`DEFAULT_LENGTHSCALE_FACTORS`)" in readme
+
+
+def test_grid_tool_gives_rollout_test_p_values(tmp_path):
+    """tools/ksd_grid.py --test rollout: a sub-grid's p-value is rollout_test's with that grid."""
+    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
+
+    tool = _grid_tool()
+    name, seeds, n = "iso2-drift", range(1000, 1002), 200
+    z, zb = tool.rollout_case_draws(name, seeds, n)
+    target, field, _ = make_case(CASE_BY_NAME[name])
+    for factors in (tool.GRIDS["1 (median)"], tool.GRIDS["0.25-4 (5)"]):
+        p = tool.grid_p_values(z, zb, tuple(factors))
+        for k, s in enumerate(seeds):
+            opts = {} if factors == (1.0,) else {"mmd_lengthscale_factors": factors}
+            rep = stationarity_test(field, seed_samples(target, s, n), method="rollout", seed=s, compute_w2=False, **opts)
+            assert float(p[k]) == pytest.approx(rep.p_value, rel=1e-12)
+    args = ["--test", "rollout", "--cases", name, "--seeds", "1000", "1001", "--n", "100", "--out", str(tmp_path)]
+    assert tool.main(args) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "Rollout paired-MMD" in readme and "`rollout_test`" in readme and "`1 (median)`" in readme

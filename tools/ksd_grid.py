@@ -1,12 +1,13 @@
-"""Compare lengthscale grids of the KSD test on the calibration cases, on seeds apart from the table's.
+"""Compare lengthscale grids of the KSD test (or the rollout's paired MMD) on the calibration cases, on seeds apart from the table's.
 
     python tools/ksd_grid.py --jobs 2                          # defaults below, about 20 min here
+    python tools/ksd_grid.py --test rollout --jobs 2           # the rollout's MMD, seeds 1000-1019
     python tools/ksd_grid.py --cases 'iso2-*' --seeds 1000 1020 --out /tmp/grid
     python tools/ksd_grid.py --render                          # rewrite README.md from rates.csv
 
 For every case and seed the samples are those of ``fluxbench.verify.calibrate``
 (:func:`~fluxbench.verify.calibrate.seed_samples`), and one pass of the KSD
-(:func:`fluxbench.verify.stationarity._standardised_ksd`, the same code as ``ksd_test``)
+(:func:`fluxbench.verify.stein.ksd_bootstrap`, the same code as ``ksd_test``)
 gives the standardised statistic z_l and its wild-bootstrap draws z*_{l,b} for every
 lengthscale of a fine grid (``FINE_FACTORS`` x the median heuristic), with the
 multipliers shared by all lengthscales. The test of any sub-grid G is then exact without
@@ -16,6 +17,12 @@ which is what ``ksd_test(lengthscale_factors=G, seed=s)`` computes.
 The grid of ``DEFAULT_LENGTHSCALE_FACTORS`` was chosen from this table on seeds
 1000-1099; the calibration table (``results/calibration``, seeds 0-99) is the held-out
 evaluation of that choice.
+
+With ``--test rollout`` the same is done for the rollout test's paired MMD: the chains of
+``rollout_test`` (:func:`fluxbench.verify.stationarity.rollout_chains`, the same draws),
+then one wild-bootstrap pass of the paired MMD over the fine grid; a sub-grid's p-value is
+``rollout_test(mmd_lengthscale_factors=G, seed=s)``'s. Its default, the median alone, was
+chosen from that table on seeds 1000-1019 (``results/calibration/rollout-grid/``).
 
 Writes ``OUT/rates.csv`` (case, family, grid, rejections, rate, se at alpha = 0.01),
 ``OUT/run.md`` (the command, date and machine) and ``OUT/README.md`` (both, as a table).
@@ -37,9 +44,12 @@ import torch
 
 from fluxbench._io import write_text
 from fluxbench._random import generator_from_seed
+from fluxbench.kernels import median_bandwidth
+from fluxbench.metrics.mmd import _centred_pool, _paired_blocks
+from fluxbench.ustat import bootstrap_p_values, default_n_bootstrap, tie_tolerance, wild_bootstrap_max
 from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
-from fluxbench.verify.stationarity import _bootstrap_p_values, _evaluate, _standardised_ksd, _tie_tolerance
-from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, default_n_bootstrap, resolve_lengthscales
+from fluxbench.verify.stationarity import _evaluate, rollout_chains
+from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_bootstrap, resolve_lengthscales
 
 FINE_FACTORS = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
 GRIDS = {
@@ -69,17 +79,42 @@ def case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, torch.Ten
         x = seed_samples(target, s, n)
         gen = generator_from_seed(s, x.device)  # as ksd_test: median subsample, then multipliers
         ells, _ = resolve_lengthscales(x, None, factors=FINE_FACTORS, generator=gen)
-        _, _, z, zb = _standardised_ksd(x, _evaluate(field, x), ells, default_n_bootstrap(n), gen, 1024)
-        zs.append(z)
-        zbs.append(zb.float())
+        res = ksd_bootstrap(x, _evaluate(field, x), ells, default_n_bootstrap(n), gen, 1024)
+        zs.append(res.z)
+        zbs.append(res.z_boot.float())
     return torch.stack(zs), torch.stack(zbs)
+
+
+def rollout_case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`case_draws` for the rollout's paired MMD (``rollout_test``'s default design)."""
+    target, field, _ = make_case(CASE_BY_NAME[name])
+    zs, zbs = [], []
+    for s in seeds:
+        x = seed_samples(target, s, n)
+        gen = generator_from_seed(s, x.device)  # as rollout_test: chains, median subsample, multipliers
+        _evaluate(field, x)
+        end, _, _, _ = rollout_chains(field, x, gen)
+        med = median_bandwidth(end, x, generator=gen)
+        xw, yw = _centred_pool(x, end)
+        ells = [c * med for c in FINE_FACTORS]
+        res = wild_bootstrap_max(_paired_blocks(xw, yw, ells), n, len(ells), default_n_bootstrap(n), gen, device=x.device)
+        zs.append(res.z)
+        zbs.append(res.z_boot.float())
+    return torch.stack(zs), torch.stack(zbs)
+
+
+#: per test: the draws, the default grid of the library, the output folder and the seeds
+TESTS = {
+    "ksd": (case_draws, tuple(DEFAULT_LENGTHSCALE_FACTORS), "results/calibration/ksd-grid", (1000, 1100)),
+    "rollout": (rollout_case_draws, (1.0,), "results/calibration/rollout-grid", (1000, 1020)),
+}
 
 
 def grid_p_values(z: torch.Tensor, zb: torch.Tensor, grid: tuple[float, ...]) -> torch.Tensor:
     """(S,) p-values of the max-over-``grid`` test from the fine pass's z (S, L) and z* (S, L, B)."""
     idx = [FINE_FACTORS.index(c) for c in grid]
     zg = z[:, idx]
-    return _bootstrap_p_values(zg.max(1).values, zb[:, idx, :].max(1).values, _tie_tolerance(zg))
+    return bootstrap_p_values(zg.max(1).values, zb[:, idx, :].max(1).values, tie_tolerance(zg))
 
 
 def grid_rates(name: str, z: torch.Tensor, zb: torch.Tensor) -> list[dict]:
@@ -94,22 +129,26 @@ def grid_rates(name: str, z: torch.Tensor, zb: torch.Tensor) -> list[dict]:
 
 
 def _job(args: tuple) -> tuple[str, list[dict], float]:
-    name, seeds, n = args
+    test, name, seeds, n = args
     torch.set_num_threads(1)
     start = time.perf_counter()
-    z, zb = case_draws(name, seeds, n)
-    return name, grid_rates(name, z, zb), time.perf_counter() - start
+    z, zb = TESTS[test][0](name, seeds, n)
+    return name, [{"test": test, **r} for r in grid_rates(name, z, zb)], time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--test", choices=tuple(TESTS), default="ksd")
     parser.add_argument("--cases", default=None, help="comma-separated case names or glob patterns")
-    parser.add_argument("--seeds", type=int, nargs=2, default=(1000, 1100), metavar=("START", "STOP"))
+    parser.add_argument("--seeds", type=int, nargs=2, default=None, metavar=("START", "STOP"),
+                        help="default 1000 1100 (ksd), 1000 1020 (rollout)")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", default="results/calibration/ksd-grid")
+    parser.add_argument("--out", default=None, help="default results/calibration/{ksd,rollout}-grid")
     parser.add_argument("--render", action="store_true", help="rewrite OUT/README.md from OUT/rates.csv and exit")
     args = parser.parse_args(argv)
+    _, _, default_out, default_seeds = TESTS[args.test]
+    args.out = args.out or default_out
     if args.render:
         render(Path(args.out))
         return 0
@@ -118,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         cases = select_cases(args.cases, list(CASE_BY_NAME))
         if not cases:
             parser.error(f"no case matches {args.cases!r}")
-    seeds = range(*args.seeds)
+    seeds = range(*(args.seeds or default_seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python tools/ksd_grid.py " + " ".join(argv if argv is not None else sys.argv[1:])
     date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    jobs = [(c, seeds, args.n) for c in cases]
+    jobs = [(args.test, c, seeds, args.n) for c in cases]
     rows: list[dict] = []
     seconds = 0.0
 
@@ -162,12 +201,17 @@ def write_outputs(out: Path, rates: pd.DataFrame, command: str, date: str, secon
 def render(out: Path) -> None:
     """OUT/README.md from OUT/rates.csv and the run's header in OUT/run.md."""
     rates = pd.read_csv(out / "rates.csv")
+    test = str(rates["test"].iloc[0]) if "test" in rates else "ksd"  # tables from before --test are the KSD's
     order = {c: i for i, c in enumerate(CASE_BY_NAME)}
     table = rates.pivot(index="case", columns="grid", values="rate")[[g for g in GRIDS if g in set(rates["grid"])]]
     table = table.loc[sorted(table.index, key=order.get)]
-    default = next((g for g, f in GRIDS.items() if f == tuple(DEFAULT_LENGTHSCALE_FACTORS)), None)
+    default = next((g for g, f in GRIDS.items() if f == TESTS[test][1]), None)
+    title, function, constant = {
+        "ksd": ("KSD", "ksd_test", "DEFAULT_LENGTHSCALE_FACTORS"),
+        "rollout": ("Rollout paired-MMD", "rollout_test", "mmd_lengthscale_factors=None"),
+    }[test]
     lines = [
-        "# KSD lengthscale grids compared (rejection rate at alpha = 0.01)",
+        f"# {title} lengthscale grids compared (rejection rate at alpha = 0.01)",
         "",
         "Produced by `tools/ksd_grid.py` (see its docstring for the protocol).",
         "",
@@ -176,7 +220,7 @@ def render(out: Path) -> None:
         "Columns are grids in units of the median heuristic (the maximum of standardised statistics over",
         "the grid, wild bootstrap shared across lengthscales). Rows: perturbed cases are detection",
         "rates, stationary cases false-alarm rates; SE = sqrt(rate (1 - rate) / n_seeds) <= 0.05.",
-        f"The default of `ksd_test` (`DEFAULT_LENGTHSCALE_FACTORS`) is the column `{default}`.",
+        f"The default of `{function}` (`{constant}`) is the column `{default}`.",
         "",
         "| case | " + " | ".join(table.columns) + " |",
         "|---|" + "---|" * len(table.columns),

@@ -216,6 +216,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "MMD U-statistic keeps the diagonal k(x_i, x_i)",
     ),
     Mutant(
+        "paired_mmd_cross_term",
+        "fluxbench/metrics/mmd.py",
+        "_sq_dists(xi, yj), _sq_dists(yi, xj)",
+        "_sq_dists(xi, yj), _sq_dists(xi, yj)",
+        "the paired MMD kernel takes k(x_i, y_j) twice instead of k(x_i, y_j) + k(y_i, x_j)",
+    ),
+    Mutant(
+        "ustat_transposed_block_dropped",
+        "fluxbench/ustat.py",
+        "hw[li, j0:j1] += hb.T @ wb[i0:i1]",
+        "hw[li, j0:j1] += 0.0 * (hb.T @ wb[i0:i1])",
+        "the wild bootstrap's products miss the lower triangle of off-diagonal blocks",
+    ),
+    Mutant(
         "w2_rotation_transposed",
         "fluxbench/metrics/gaussian.py",
         "U = P @ Qh",

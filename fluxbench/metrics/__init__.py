@@ -6,9 +6,10 @@ same keyword conventions (``lengthscale``, ``chunk_size``, ``generator``/``seed`
 
 * :func:`w2`, :func:`sliced_w2` -- exact (POT network simplex, CPU float64) and sliced
   2-Wasserstein distances (``wasserstein.py``).
-* :func:`mmd2_unbiased`, :func:`mmd_permutation_test`, :func:`mmd_aggregated_test` --
-  RBF-kernel MMD^2 U-statistic, its permutation test, and the test aggregated over
-  several lengthscales (``mmd.py``).
+* :func:`mmd2_unbiased`, :func:`mmd_permutation_test`, :func:`mmd_aggregated_test`,
+  :func:`mmd_paired_test` -- RBF-kernel MMD^2 U-statistic, its permutation test, the test
+  aggregated over several lengthscales, and the test for dependent pairs (a chain's start
+  and end; wild bootstrap) (``mmd.py``).
 * :func:`gaussian_w2`, :func:`gaussian_sliced_w2`, :func:`rbf_kernel_mean` -- closed
   forms between Gaussians, SPEC section 4 (``gaussian.py``).
 * :func:`noise_floor` -- a metric between two independent samples of the same law
@@ -19,9 +20,11 @@ from fluxbench.metrics.floor import NoiseFloor, noise_floor
 from fluxbench.metrics.gaussian import gaussian_sliced_w2, gaussian_w2, rbf_kernel_mean
 from fluxbench.metrics.mmd import (
     MMDAggregatedResult,
+    MMDPairedResult,
     MMDTestResult,
     mmd2_unbiased,
     mmd_aggregated_test,
+    mmd_paired_test,
     mmd_permutation_test,
 )
 from fluxbench.metrics.wasserstein import W2_MAX_PAIRS, W2_NUM_ITER_MAX, sliced_w2, w2
@@ -34,7 +37,9 @@ __all__ = [
     "mmd2_unbiased",
     "mmd_permutation_test",
     "mmd_aggregated_test",
+    "mmd_paired_test",
     "MMDAggregatedResult",
+    "MMDPairedResult",
     "MMDTestResult",
     "gaussian_w2",
     "gaussian_sliced_w2",

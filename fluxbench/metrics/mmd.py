@@ -1,12 +1,14 @@
-"""Maximum mean discrepancy with an RBF kernel: unbiased estimate and permutation test.
+"""Maximum mean discrepancy with an RBF kernel: unbiased estimate, permutation and paired tests.
 
-SPEC section 5 (rollout test: compare the end cloud of a sampler with held-out samples by
-an MMD permutation test). Reference: Gretton, Borgwardt, Rasch, Schoelkopf and Smola,
-"A kernel two-sample test", JMLR 13 (2012).
+SPEC section 5 (rollout test: compare where a sampler's chains end with where they
+started, :func:`mmd_paired_test`, or with held-out samples, :func:`mmd_permutation_test`).
+Reference: Gretton, Borgwardt, Rasch, Schoelkopf and Smola, "A kernel two-sample test",
+JMLR 13 (2012).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -16,6 +18,7 @@ from fluxbench import _random
 from fluxbench._checks import check_generator, check_positive, check_positive_int
 from fluxbench.kernels import (
     _rbf_block,
+    _sq_dists,
     chunked_pairwise_matmul,
     chunked_pairwise_sum,
     median_bandwidth,
@@ -23,8 +26,17 @@ from fluxbench.kernels import (
     working_dtype,
 )
 from fluxbench.metrics._common import check_pair
+from fluxbench.ustat import BlockFn, default_n_bootstrap, wild_bootstrap_max
 
-__all__ = ["MMDTestResult", "MMDAggregatedResult", "mmd2_unbiased", "mmd_permutation_test", "mmd_aggregated_test"]
+__all__ = [
+    "MMDTestResult",
+    "MMDAggregatedResult",
+    "mmd2_unbiased",
+    "mmd_permutation_test",
+    "mmd_aggregated_test",
+    "mmd_paired_test",
+    "MMDPairedResult",
+]
 
 
 class MMDTestResult(NamedTuple):
@@ -43,6 +55,21 @@ def _lengthscale(x: Tensor, y: Tensor, lengthscale: object, generator: torch.Gen
     if lengthscale is None:
         return median_bandwidth(x, y, generator=generator)
     return check_positive(lengthscale, "lengthscale")
+
+
+def _lengthscale_grid(
+    x: Tensor, y: Tensor, lengthscales: object, factors: tuple[float, ...], generator: torch.Generator | None
+) -> list[float]:
+    """The given lengthscales (each > 0), or the median heuristic of the pooled sample times ``factors``."""
+    if lengthscales is None:
+        if not factors:
+            raise ValueError("factors is empty; give at least one multiple of the median heuristic")
+        med = median_bandwidth(x, y, generator=generator)
+        return [med * check_positive(c, "lengthscale factor") for c in factors]
+    ells = [check_positive(v, "lengthscale") for v in lengthscales]  # type: ignore[attr-defined]
+    if not ells:
+        raise ValueError("lengthscales is empty; give at least one lengthscale or None")
+    return ells
 
 
 def _centred_pool(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,15 +311,7 @@ def mmd_aggregated_test(
     n_permutations = check_positive_int(n_permutations, "n_permutations")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
-    if lengthscales is None:
-        if not factors:
-            raise ValueError("factors is empty; give at least one multiple of the median heuristic")
-        med = median_bandwidth(x, y, generator=generator)
-        ells = [med * check_positive(c, "lengthscale factor") for c in factors]
-    else:
-        ells = [check_positive(v, "lengthscale") for v in lengthscales]
-        if not ells:
-            raise ValueError("lengthscales is empty; give at least one lengthscale or None")
+    ells = _lengthscale_grid(x, y, lengthscales, factors, generator)
     stats, tie_tol, _ = _permutation_statistics(x, y, ells, n_permutations, generator, chunk_size)
     size = n_permutations + 1
     # p_lb = #{b' : T_lb' >= T_lb - tol} / (B + 1), by a sorted search per lengthscale
@@ -305,5 +324,109 @@ def mmd_aggregated_test(
         statistics=stats[:, 0],
         p_value=p_value,
         p_values=tuple(float(v) for v in p_lb[:, 0]),
+        lengthscales=tuple(ells),
+    )
+
+
+class MMDPairedResult(NamedTuple):
+    """Result of :func:`mmd_paired_test`.
+
+    Attributes:
+        statistics: (L,) tensor, the unbiased MMD^2 estimate U_l at each lengthscale.
+        standardised: (L,) tuple, ``U_l / sd_l`` (sd_l the bootstrap null standard deviation).
+        p_value: the wild-bootstrap p-value of ``max_l U_l / sd_l``, in (0, 1].
+        p_values: (L,) tuple, the p-value of each lengthscale alone.
+        lengthscales: (L,) tuple of the lengthscales used.
+    """
+
+    statistics: Tensor
+    standardised: tuple[float, ...]
+    p_value: float
+    p_values: tuple[float, ...]
+    lengthscales: tuple[float, ...]
+
+
+def _paired_blocks(x: Tensor, y: Tensor, lengthscales: list[float]) -> BlockFn:
+    """Blocks of ``h_l((x_i, y_i), (x_j, y_j)) = k_l(x_i, x_j) + k_l(y_i, y_j) - k_l(x_i, y_j) - k_l(y_i, x_j)``.
+
+    x, y already centred on a common point and in the working dtype (no checks).
+    """
+    coefs = [-0.5 / ell**2 for ell in lengthscales]
+
+    def block(i0: int, i1: int, j0: int, j1: int) -> Iterator[Tensor]:
+        xi, yi, xj, yj = x[i0:i1], y[i0:i1], x[j0:j1], y[j0:j1]
+        dxx, dyy, dxy, dyx = _sq_dists(xi, xj), _sq_dists(yi, yj), _sq_dists(xi, yj), _sq_dists(yi, xj)
+        for c in coefs:
+            yield (dxx * c).exp_().add_((dyy * c).exp_()).sub_((dxy * c).exp_()).sub_((dyx * c).exp_())
+
+    return block
+
+
+def mmd_paired_test(
+    x: Tensor,
+    y: Tensor,
+    *,
+    lengthscales: list[float] | tuple[float, ...] | None = None,
+    factors: tuple[float, ...] = (1.0,),
+    n_bootstrap: int | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+) -> MMDPairedResult:
+    """Test of H0: law(x_i) = law(y_i) from N i.i.d. *pairs* (x_i, y_i), which may depend on each other.
+
+    The use case is a Markov chain started at x_i and ended at y_i (the rollout test of
+    SPEC section 5): the pairs are i.i.d. but y_i is not independent of x_i, so a
+    permutation test is invalid (swapping x_i and y_i is exact only for reversible chains).
+    With ``z_i = (x_i, y_i)`` and, for each lengthscale l,
+
+        h_l(z_i, z_j) = k_l(x_i, x_j) + k_l(y_i, y_j) - k_l(x_i, y_j) - k_l(y_i, x_j),
+        U_l = sum_{i != j} h_l(z_i, z_j) / (N (N - 1)),
+
+    only independent points meet in each term (i != j), so ``E U_l = MMD_l^2(law x, law y)``
+    whatever the dependence within a pair, and under H0 h_l is degenerate
+    (``E h_l(z, Z') = mu(x) + mu(y) - mu(x) - mu(y) = 0``, mu the kernel mean embedding).
+    The test is the maximum over lengthscales of ``U_l / sd_l`` with the Rademacher wild
+    bootstrap of :mod:`fluxbench.ustat` (shared multipliers across lengthscales): valid
+    asymptotically for any dependence within pairs, and with all N points on each side
+    (a split into independent halves would use N / 2 against N / 2). Reference for the
+    paired statistic: Gretton et al., JMLR 13 (2012), section 6 (the linear-time MMD uses
+    the same h on disjoint pairs).
+
+    Args:
+        x: (N, d) points, N >= 2, finite.
+        y: (N, d) points, row i paired with row i of x; same d, dtype and device.
+        lengthscales: explicit lengthscales (each > 0); default the median heuristic of
+            the pooled sample times ``factors``.
+        factors: multiples of the median heuristic (default the median alone).
+        n_bootstrap: number B of bootstrap draws; default
+            :func:`fluxbench.ustat.default_n_bootstrap` (1000 up to N = 5000).
+        generator: random source of the median subsample and of the multipliers (on
+            ``x.device``); None uses torch's global RNG.
+        chunk_size: block size of the pass over pairs (memory ~ 4 chunk_size^2 values).
+
+    Returns:
+        :class:`MMDPairedResult`.
+
+    Raises:
+        ValueError: on bad points, x and y of different shapes, an empty or non-positive
+            lengthscale list, or bad counts.
+    """
+    check_pair(x, y, min_points=2)
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples need x and y of the same shape; got {tuple(x.shape)} and {tuple(y.shape)}")
+    n = x.shape[0]
+    n_boot = default_n_bootstrap(n) if n_bootstrap is None else check_positive_int(n_bootstrap, "n_bootstrap")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    check_generator(generator, x.device)
+    ells = _lengthscale_grid(x, y, lengthscales, factors, generator)
+    xw, yw = _centred_pool(x.detach(), y.detach())
+    res = wild_bootstrap_max(
+        _paired_blocks(xw, yw, ells), n, len(ells), n_boot, generator, device=x.device, chunk_size=chunk_size
+    )
+    return MMDPairedResult(
+        statistics=res.u.to(xw.dtype),
+        standardised=tuple(float(v) for v in res.z),
+        p_value=res.p_value(),
+        p_values=tuple(res.p_value([li]) for li in range(len(ells))),
         lengthscales=tuple(ells),
     )

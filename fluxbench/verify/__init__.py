@@ -2,7 +2,8 @@
 
 * :func:`stationarity_test` -- sample-based tests of H0 "p is stationary for f": the
   multi-bandwidth generator kernel Stein discrepancy (``method="ksd"``), a sampler
-  rollout with an MMD two-sample test (``"rollout"``), or both (``"combined"``).
+  rollout with a paired MMD test of chain ends against chain starts (``"rollout"``), or
+  both (``"combined"``).
 * :func:`stein_kernel`, :func:`ksd2` -- the Stein kernel h(x, y) of SPEC section 5 and the
   KSD^2 U-statistic.
 * :func:`defect`, :func:`current_divergence` -- the stationarity defect r = div u + u . s
@@ -19,6 +20,7 @@ from fluxbench.verify.stationarity import (
     KSD_OPTIONS,
     METHODS,
     ROLLOUT_OPTIONS,
+    default_eps_factor,
     ksd_test,
     rollout_schedule,
     rollout_test,
@@ -32,6 +34,7 @@ __all__ = [
     "ksd_test",
     "rollout_test",
     "rollout_schedule",
+    "default_eps_factor",
     "METHODS",
     "KSD_OPTIONS",
     "ROLLOUT_OPTIONS",

@@ -25,10 +25,11 @@ class StationarityReport:
     Attributes:
         method: ``"ksd"``, ``"rollout"`` or ``"combined"``.
         statistic: the test statistic. ksd: the largest standardised KSD^2 U-statistic
-            over the lengthscales; rollout: the unbiased MMD^2 between the end cloud and
-            the held-out half (with ``mmd_lengthscale_factors``: the smallest
-            per-lengthscale permutation p-value of the aggregated test); combined: the
-            smaller of the two sub-test p-values.
+            over the lengthscales; rollout: the largest standardised paired MMD^2 over
+            the lengthscales (design ``"paired"``), or the unbiased MMD^2 between the end
+            cloud and the held-out half (design ``"split"``; with
+            ``mmd_lengthscale_factors`` the smallest per-lengthscale permutation p-value
+            of the aggregated test); combined: the smaller of the two sub-test p-values.
         p_value: p-value in (0, 1] (combined: the Bonferroni-adjusted
             ``min(1, 2 min(p_ksd, p_rollout))``).
         alpha: the level of the test.
@@ -39,7 +40,7 @@ class StationarityReport:
         lengthscales: ksd: the RBF lengthscales used.
         median_lengthscale: ksd: the median heuristic the grid is scaled from (None if the
             lengthscales were given).
-        n_bootstrap: ksd: number of wild-bootstrap draws.
+        n_bootstrap: ksd, and rollout with design ``"paired"``: number of wild-bootstrap draws.
         ksd2: ksd: the U-statistic KSD^2 at each lengthscale.
         ksd2_sd: ksd: the null standard deviation of each (exact wild-bootstrap value).
         eps: rollout: the sampler's step size (None for a user sampler that was given none).
@@ -48,9 +49,10 @@ class StationarityReport:
         mmd2: rollout: the unbiased MMD^2 at ``mmd_lengthscale`` (None for an aggregated
             test whose grid leaves the median out).
         mmd_lengthscale: rollout: the median-heuristic MMD lengthscale (or the one given).
-        n_permutations: rollout: permutations of the MMD test.
-        w2: rollout: W2 between the end cloud and the held-out half (None if not computed).
-        w2_noise_floor: rollout: W2 between the held-in and held-out halves of the samples.
+        n_permutations: rollout with design ``"split"``: permutations of the MMD test.
+        w2: rollout: W2 between chain ends and samples independent of them (None if not
+            computed; see :func:`fluxbench.verify.rollout_test`).
+        w2_noise_floor: rollout: W2 between two independent halves of the samples.
         sub_reports: combined: ``{"ksd": report, "rollout": report}`` (each at level alpha/2).
         details: further method-specific numbers (documented by the method).
         elapsed_s: wall-clock seconds.
@@ -117,14 +119,20 @@ class StationarityReport:
                 f"  rollout: eps = {_fmt(self.eps, '.3g')}, n_steps = {_fmt(self.n_steps, 'd') if self.n_steps is not None else 'n/a'}, "
                 f"total time {_fmt(self.total_time, '.3g')} (ULA bias is O(eps): report eps with the result)"
             )
+            resampling = (
+                f"{self.n_permutations} permutations"
+                if self.n_permutations is not None
+                else f"{self.n_bootstrap} wild-bootstrap draws"
+            )
+            design = self.details.get("design", "n/a")
             lines.append(
-                f"  MMD^2 = {_fmt(self.mmd2)} (lengthscale {_fmt(self.mmd_lengthscale, '.3g')}, "
-                f"{self.n_permutations} permutations); W2 = {_fmt(self.w2)} vs noise floor {_fmt(self.w2_noise_floor)}"
+                f"  {design} MMD^2 = {_fmt(self.mmd2)} (lengthscale {_fmt(self.mmd_lengthscale, '.3g')}, "
+                f"{resampling}); W2 = {_fmt(self.w2)} vs noise floor {_fmt(self.w2_noise_floor)}"
             )
             if "mmd_lengthscales" in self.details:
                 ells = ", ".join(f"{v:.3g}" for v in self.details["mmd_lengthscales"])
                 ps = ", ".join(f"{v:.3g}" for v in self.details["mmd_p_value_per_lengthscale"])
-                lines.append(f"  aggregated over lengthscales [{ells}]: p per lengthscale [{ps}] (min-p, permutation-calibrated)")
+                lines.append(f"  over lengthscales [{ells}]: p per lengthscale [{ps}] ({self.details['mmd_rule']})")
         if self.sub_reports:
             lines.append(f"  Bonferroni: each sub-test at alpha/2 = {self.alpha / 2:g}; reject if either rejects")
             for name, rep in self.sub_reports.items():

@@ -26,8 +26,7 @@ Implementation notes (all pairwise work is chunked, see :func:`ksd_pass`):
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,9 +34,10 @@ from torch import Tensor
 
 from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int, check_same_space
 from fluxbench._random import generator_from_seed
-from fluxbench.kernels import no_autocast, working_dtype
+from fluxbench.kernels import _sq_dists, median_bandwidth, no_autocast, working_dtype
+from fluxbench.ustat import BlockFn, StandardisedU, UStatPass, u_statistic_pass, wild_bootstrap_max
 
-__all__ = ["stein_kernel", "ksd2", "ksd_pass", "KSDPass", "resolve_lengthscales", "DEFAULT_LENGTHSCALE_FACTORS"]
+__all__ = ["stein_kernel", "stein_blocks", "ksd2", "ksd_pass", "ksd_bootstrap", "resolve_lengthscales", "DEFAULT_LENGTHSCALE_FACTORS"]
 
 #: Default lengthscale grid of the KSD test, in units of the median heuristic: the median
 #: and two octaves below it (chosen on calibration seeds 1000-1099, see
@@ -60,9 +60,7 @@ def _pair_terms(x: Tensor, y: Tensor, fx: Tensor, fy: Tensor) -> _PairTerms:
     ``c2 - 2 c3 - 2 d`` is stored in place of c2 (it is all the kernel needs).
     """
     d = x.shape[1]
-    xx = x.pow(2).sum(1, keepdim=True)
-    yy = y.pow(2).sum(1).unsqueeze(0)
-    dist2 = torch.addmm(xx + yy, x, y.T, beta=1.0, alpha=-2.0).clamp_min(0.0)
+    dist2 = _sq_dists(x, y)
     c1 = fx @ fy.T
     gx = (fx * x).sum(1, keepdim=True) - fx @ y.T  # fx . (x - y)
     gy = x @ fy.T - (fy * y).sum(1).unsqueeze(0)  # fy . (x - y)
@@ -122,19 +120,28 @@ def stein_kernel(x: Tensor, y: Tensor, fx: Tensor, fy: Tensor, lengthscale: floa
         return _stein_from_terms(terms, 1.0 / ell**2, x.shape[1], inplace=not torch.is_grad_enabled())
 
 
-class KSDPass(NamedTuple):
-    """Result of :func:`ksd_pass` (one chunked pass over all pairs i != j).
+def stein_blocks(x: Tensor, fx: Tensor, lengthscales: Sequence[float]) -> BlockFn:
+    """The Stein kernel's blocks for :func:`fluxbench.ustat.u_statistic_pass` (no checks).
 
-    Attributes:
-        sums: (L,) float64, ``sum_{i != j} h_l(x_i, x_j)``.
-        sq_sums: (L,) float64, ``sum_{i != j} h_l(x_i, x_j)^2``.
-        hw: (L, N, B) products ``H_l @ W`` with the diagonal of H_l zeroed (None without
-            multipliers), in ``bootstrap_dtype``.
+    x, fx (N, d) in any float dtype (work in ``working_dtype``, x centred on its mean);
+    the shared pairwise terms of a block are computed once for all L lengthscales and each
+    lengthscale's block is produced on demand (in place when no gradient is needed).
+    Call inside ``no_autocast(x.device)``.
     """
+    d = x.shape[1]
+    dtype = working_dtype(x.dtype)
+    xw = x.to(dtype)
+    xw = xw - xw.detach().mean(0, keepdim=True)
+    fw = fx.to(dtype)
+    avals = [1.0 / float(ell) ** 2 for ell in lengthscales]
+    inplace = not (torch.is_grad_enabled() and (xw.requires_grad or fw.requires_grad))
 
-    sums: Tensor
-    sq_sums: Tensor
-    hw: Tensor | None
+    def block(i0: int, i1: int, j0: int, j1: int) -> Iterator[Tensor]:
+        terms = _pair_terms(xw[i0:i1], xw[j0:j1], fw[i0:i1], fw[j0:j1])
+        for a in avals:
+            yield _stein_from_terms(terms, a, d, inplace=inplace)
+
+    return block
 
 
 def ksd_pass(
@@ -145,13 +152,12 @@ def ksd_pass(
     multipliers: Tensor | None = None,
     chunk_size: int = 1024,
     bootstrap_dtype: torch.dtype = torch.float32,
-) -> KSDPass:
-    """One chunked pass over the pairs i != j for several lengthscales at once (no checks).
+) -> UStatPass:
+    """One chunked pass over the pairs i != j of the Stein kernel for several lengthscales (no checks).
 
-    Only blocks (I, J) with I <= J are evaluated (h is symmetric); an off-diagonal block
-    counts twice in the sums and contributes ``H_IJ @ W_J`` to rows I and ``H_IJ^T @ W_I`` to
-    rows J of the bootstrap products. Peak memory is a few ``chunk_size^2`` blocks (never
-    N x N unless ``chunk_size >= N``) plus the (L, N, B) products.
+    :func:`fluxbench.ustat.u_statistic_pass` over :func:`stein_blocks`: only blocks
+    (I, J) with I <= J are evaluated; peak memory is a few ``chunk_size^2`` blocks (never
+    N x N unless ``chunk_size >= N``) plus the (L, N, B) bootstrap products.
 
     Args:
         x: (N, d) points (any float dtype; work is done in ``working_dtype``).
@@ -159,82 +165,42 @@ def ksd_pass(
         lengthscales: the L lengthscales.
         multipliers: optional (N, B) bootstrap multipliers W.
         chunk_size: block size.
-        bootstrap_dtype: dtype of the ``H @ W`` products (float32 by default: bootstrap
-            quantiles need a few digits, and float32 GEMMs are twice as fast).
+        bootstrap_dtype: dtype of the ``H @ W`` products.
 
     Returns:
-        :class:`KSDPass`.
+        :class:`fluxbench.ustat.UStatPass`.
     """
-    n, d = x.shape
-    dtype = working_dtype(x.dtype)
-    avals = [1.0 / float(ell) ** 2 for ell in lengthscales]
-    n_l = len(avals)
     with no_autocast(x.device):
-        xw = x.to(dtype)
-        xw = xw - xw.detach().mean(0, keepdim=True)
-        fw = fx.to(dtype)
-        sums = [torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(n_l)]
-        sq = [torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(n_l)]
-        hw = None
-        wb = None
-        if multipliers is not None:
-            wb = multipliers.to(bootstrap_dtype)
-            hw = torch.zeros((n_l, n, wb.shape[1]), dtype=bootstrap_dtype, device=x.device)
-        inplace = not (torch.is_grad_enabled() and (xw.requires_grad or fw.requires_grad))
-        blocks = [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
-        for bi, (i0, i1) in enumerate(blocks):
-            for j0, j1 in blocks[bi:]:
-                diag = i0 == j0
-                terms = _pair_terms(xw[i0:i1], xw[j0:j1], fw[i0:i1], fw[j0:j1])
-                if diag:
-                    eye = torch.eye(i1 - i0, dtype=torch.bool, device=x.device)
-                for li, a in enumerate(avals):
-                    h = _stein_from_terms(terms, a, d, inplace=inplace)
-                    if diag:
-                        h = h.masked_fill(eye, 0.0)
-                    weight = 1.0 if diag else 2.0
-                    sums[li] = sums[li] + weight * h.sum(dtype=torch.float64)
-                    sq[li] = sq[li] + weight * h.detach().pow(2).sum(dtype=torch.float64)
-                    if hw is not None and wb is not None:
-                        hb = h.detach().to(bootstrap_dtype)
-                        hw[li, i0:i1] += hb @ wb[j0:j1]
-                        if not diag:
-                            hw[li, j0:j1] += hb.T @ wb[i0:i1]
-    return KSDPass(torch.stack(sums), torch.stack(sq), hw)
-
-
-def median_distance(x: Tensor, *, max_points: int = 2000, generator: torch.Generator | None = None) -> float:
-    """The median heuristic of :func:`fluxbench.kernels.median_bandwidth`, by selection instead of a sort.
-
-    Same definition (median of the pairwise Euclidean distances over i < j of at most
-    ``max_points`` points, a uniform subsample drawn with ``generator`` above that; the
-    mean of the two middle values for an even count) and the same subsample for the same
-    generator state, in O(n^2) instead of O(n^2 log n).
-    """
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError("the median heuristic needs at least 2 points")
-    with torch.no_grad():
-        z = x
-        if n > max_points:
-            z = z[torch.randperm(n, generator=generator, device=z.device)[:max_points]]
-            n = max_points
-        z = z.to(working_dtype(z.dtype))
-        z = z - z.mean(0, keepdim=True)
-        with no_autocast(z.device):
-            sq = z.pow(2).sum(1)
-            d2 = torch.addmm(sq[:, None] + sq[None, :], z, z.T, beta=1.0, alpha=-2.0).clamp_min_(0.0)
-        iu = torch.triu_indices(n, n, offset=1, device=z.device)
-        dists = d2[iu[0], iu[1]].sqrt_()
-        k = dists.numel()
-        lo = torch.kthvalue(dists, (k - 1) // 2 + 1).values
-        hi = torch.kthvalue(dists, k // 2 + 1).values
-        value = float(0.5 * (lo + hi))
-    if not value > 0:
-        raise ValueError(
-            "median pairwise distance is 0 (more than half of the pairs of points coincide); pass lengthscales"
+        return u_statistic_pass(
+            stein_blocks(x, fx, lengthscales),
+            x.shape[0],
+            len(lengthscales),
+            device=x.device,
+            multipliers=multipliers,
+            chunk_size=chunk_size,
+            bootstrap_dtype=bootstrap_dtype,
         )
-    return value
+
+
+def ksd_bootstrap(
+    x: Tensor, fx: Tensor, lengthscales: Sequence[float], n_bootstrap: int, generator: torch.Generator, chunk_size: int
+) -> StandardisedU:
+    """The KSD U-statistics of each lengthscale, standardised, with their wild-bootstrap draws (no checks).
+
+    :func:`fluxbench.ustat.wild_bootstrap_max` over :func:`stein_blocks`: x, fx (N, d);
+    the (N, B) Rademacher multipliers come from ``generator`` and are shared by all
+    lengthscales. What :func:`fluxbench.verify.ksd_test` and ``tools/ksd_grid.py`` compute.
+    """
+    with no_autocast(x.device):
+        return wild_bootstrap_max(
+            stein_blocks(x.detach(), fx.detach(), lengthscales),
+            x.shape[0],
+            len(lengthscales),
+            n_bootstrap,
+            generator,
+            device=x.device,
+            chunk_size=chunk_size,
+        )
 
 
 def resolve_lengthscales(
@@ -250,7 +216,7 @@ def resolve_lengthscales(
         (list of lengthscales, the median heuristic or None when lengthscales were given).
     """
     if lengthscales is None:
-        med = median_distance(x.detach(), generator=generator)
+        med = median_bandwidth(x.detach(), generator=generator)
         out = [med * check_positive(c, "lengthscale factor") for c in factors]
         return out, med
     if isinstance(lengthscales, Tensor):
@@ -308,19 +274,3 @@ def ksd2(
     res = ksd_pass(x, fx, ells, chunk_size=chunk_size)
     out = res.sums / (n * (n - 1))
     return out[0] if scalar else out
-
-
-def bootstrap_null_sd(sq_sums: Tensor, n: int) -> Tensor:
-    """Standard deviation of the Rademacher wild-bootstrap statistic, exactly.
-
-    For ``U* = sum_{i != j} w_i w_j h_ij / (N (N - 1))`` with independent signs,
-    ``Var(U*) = 2 sum_{i != j} h_ij^2 / (N (N - 1))^2``.
-    """
-    return torch.sqrt(2.0 * sq_sums) / (n * (n - 1))
-
-
-def default_n_bootstrap(n: int) -> int:
-    """Default number of wild-bootstrap draws: 1000 for N <= 5000, then 1000 (5000/N)^2, at least 200."""
-    if n <= 5000:
-        return 1000
-    return max(200, int(math.ceil(1000 * (5000 / n) ** 2)))
