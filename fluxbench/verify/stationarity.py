@@ -17,8 +17,8 @@ from torch import Tensor
 from fluxbench import _random
 from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int
 from fluxbench._random import generator_from_seed
-from fluxbench.ustat import default_n_bootstrap
 from fluxbench.kernels import median_bandwidth
+from fluxbench.ustat import default_n_bootstrap
 from fluxbench.verify.report import StationarityReport
 from fluxbench.verify.stein import (
     DEFAULT_LENGTHSCALE_FACTORS,
@@ -344,8 +344,8 @@ def rollout_chains(
 
     Langevin with the default schedule (:func:`rollout_schedule`, ``eps_factor`` by
     default :func:`default_eps_factor` of n) or the user's ``sampler``, all draws from
-    ``gen`` in the order ``rollout_test`` makes them (``tools/lengthscale_grid.py`` reuses
-    it to reproduce the test's chains).
+    ``gen`` in the order ``rollout_test`` makes them (``tools/ksd_grid.py --test rollout``
+    reuses it to reproduce the test's chains).
     """
     from fluxbench.samplers import langevin
 
