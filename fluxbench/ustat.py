@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from fluxbench import _random
+from fluxbench.kernels import _blocks
 
 __all__ = [
     "UStatPass",
@@ -105,7 +106,7 @@ def u_statistic_pass(
     if multipliers is not None:
         wb = multipliers.to(bootstrap_dtype)
         hw = torch.zeros((n_kernels, n, wb.shape[1]), dtype=bootstrap_dtype, device=device)
-    blocks = [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+    blocks = _blocks(n, chunk_size)
     for bi, (i0, i1) in enumerate(blocks):
         for j0, j1 in blocks[bi:]:
             diag = i0 == j0
@@ -182,7 +183,7 @@ def wild_bootstrap_max(
     n: int,
     n_kernels: int,
     n_bootstrap: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     *,
     device: torch.device,
     chunk_size: int = 1024,
@@ -197,7 +198,7 @@ def wild_bootstrap_max(
         n: number N >= 2 of points.
         n_kernels: number L of kernels.
         n_bootstrap: number B of bootstrap draws.
-        generator: random source of the signs (on ``device``).
+        generator: random source of the signs (on ``device``); None uses torch's global RNG.
         device: device of the work.
         chunk_size: block size of the pass.
 

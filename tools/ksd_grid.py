@@ -45,8 +45,8 @@ import torch
 from fluxbench._io import write_text
 from fluxbench._random import generator_from_seed
 from fluxbench.kernels import median_bandwidth
-from fluxbench.metrics.mmd import _centred_pool, _paired_blocks
-from fluxbench.ustat import bootstrap_p_values, default_n_bootstrap, tie_tolerance, wild_bootstrap_max
+from fluxbench.metrics.mmd import paired_mmd_bootstrap
+from fluxbench.ustat import bootstrap_p_values, default_n_bootstrap, tie_tolerance
 from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
 from fluxbench.verify.stationarity import _evaluate, rollout_chains
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_bootstrap, resolve_lengthscales
@@ -95,9 +95,7 @@ def rollout_case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, t
         _evaluate(field, x)
         end, _, _, _ = rollout_chains(field, x, gen)
         med = median_bandwidth(end, x, generator=gen)
-        xw, yw = _centred_pool(x, end)
-        ells = [c * med for c in FINE_FACTORS]
-        res = wild_bootstrap_max(_paired_blocks(xw, yw, ells), n, len(ells), default_n_bootstrap(n), gen, device=x.device)
+        res = paired_mmd_bootstrap(x, end, [c * med for c in FINE_FACTORS], default_n_bootstrap(n), gen)
         zs.append(res.z)
         zbs.append(res.z_boot.float())
     return torch.stack(zs), torch.stack(zbs)

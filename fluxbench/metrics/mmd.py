@@ -26,7 +26,7 @@ from fluxbench.kernels import (
     working_dtype,
 )
 from fluxbench.metrics._common import check_pair
-from fluxbench.ustat import BlockFn, default_n_bootstrap, wild_bootstrap_max
+from fluxbench.ustat import BlockFn, StandardisedU, default_n_bootstrap, wild_bootstrap_max
 
 __all__ = [
     "MMDTestResult",
@@ -362,6 +362,27 @@ def _paired_blocks(x: Tensor, y: Tensor, lengthscales: list[float]) -> BlockFn:
     return block
 
 
+def paired_mmd_bootstrap(
+    x: Tensor, y: Tensor, lengthscales: list[float], n_bootstrap: int, generator: torch.Generator | None,
+    chunk_size: int = 1024,
+) -> StandardisedU:
+    """The paired MMD^2 U-statistic of each lengthscale, standardised, with its wild-bootstrap draws (no checks).
+
+    x, y (N, d), row i paired with row i; both are centred on their pooled mean first.
+    What :func:`mmd_paired_test` and ``tools/ksd_grid.py --test rollout`` compute.
+    """
+    xw, yw = _centred_pool(x.detach(), y.detach())
+    return wild_bootstrap_max(
+        _paired_blocks(xw, yw, lengthscales),
+        x.shape[0],
+        len(lengthscales),
+        n_bootstrap,
+        generator,
+        device=x.device,
+        chunk_size=chunk_size,
+    )
+
+
 def mmd_paired_test(
     x: Tensor,
     y: Tensor,
@@ -419,12 +440,9 @@ def mmd_paired_test(
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
     ells = _lengthscale_grid(x, y, lengthscales, factors, generator)
-    xw, yw = _centred_pool(x.detach(), y.detach())
-    res = wild_bootstrap_max(
-        _paired_blocks(xw, yw, ells), n, len(ells), n_boot, generator, device=x.device, chunk_size=chunk_size
-    )
+    res = paired_mmd_bootstrap(x, y, ells, n_boot, generator, chunk_size)
     return MMDPairedResult(
-        statistics=res.u.to(xw.dtype),
+        statistics=res.u.to(working_dtype(x.dtype)),
         standardised=tuple(float(v) for v in res.z),
         p_value=res.p_value(),
         p_values=tuple(res.p_value([li]) for li in range(len(ells))),

@@ -552,7 +552,6 @@ def rollout_test(
             other, end, lengthscales=[c * ell for c in grid], n_bootstrap=n_resamples, generator=gen
         )
         p = res.p_value
-        mmd2 = float(res.statistics[grid.index(1.0)]) if 1.0 in grid else None
         statistic = float(max(res.standardised))
         mmd_info = {"mmd_rule": "max over lengthscales of MMD^2 / sd, shared Rademacher multipliers"}
     elif factors is None:
@@ -562,9 +561,11 @@ def rollout_test(
     else:
         res = mmd_aggregated_test(end, other, lengthscales=[c * ell for c in grid], n_permutations=n_resamples, generator=gen)
         p = res.p_value
-        mmd2 = float(res.statistics[grid.index(1.0)]) if 1.0 in grid else None
         statistic = min(res.p_values)
         mmd_info = {"mmd_rule": "min-p over lengthscales, calibrated by the shared permutations"}
+    if paired or factors is not None:
+        # the MMD^2 is reported at the median lengthscale, when the grid holds it
+        mmd2 = float(res.statistics[grid.index(1.0)]) if 1.0 in grid else None
     if factors is not None:
         mmd_info.update(
             mmd_lengthscales=res.lengthscales,
