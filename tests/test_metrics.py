@@ -575,6 +575,11 @@ def test_paired_test_statistic_is_the_u_statistic_in_any_chunking():
     # the bootstrap products are float32 GEMMs summed in another order: same p-values up to ties
     assert parts.p_values == pytest.approx(whole.p_values, abs=2 / 301)
     # one lengthscale alone: its p-value is the maximum's
+    # autocast does not reach the distances and kernels (fp32+ work)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = mmd_paired_test(x.float(), y.float(), lengthscales=[0.7, 1.5], n_bootstrap=300, generator=gen(2))
+    plain = mmd_paired_test(x.float(), y.float(), lengthscales=[0.7, 1.5], n_bootstrap=300, generator=gen(2))
+    assert cast.statistics.dtype == torch.float32 and torch.equal(cast.statistics, plain.statistics)
     one = mmd_paired_test(x, y, lengthscales=[1.5], n_bootstrap=300, generator=gen(2))
     assert one.p_value == one.p_values[0] and one.standardised[0] == pytest.approx(whole.standardised[1])
     med = median_bandwidth(x, y, generator=gen(4))
