@@ -46,6 +46,7 @@ __all__ = [
     "bootstrap_p_values",
     "tie_tolerance",
     "default_n_bootstrap",
+    "rademacher_multipliers",
 ]
 
 #: ``block(i0, i1, j0, j1)`` yields, for each of the L kernels, the (i1 - i0, j1 - j0)
@@ -178,6 +179,11 @@ class StandardisedU(NamedTuple):
         return float(bootstrap_p_values(self.z.sum(), self.z_boot.sum(0), tie_tolerance(self.z)))
 
 
+def rademacher_multipliers(n: int, n_bootstrap: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(N, B) independent Rademacher signs (float32) from ``generator``: the wild bootstrap's W."""
+    return _random.rademacher((n, n_bootstrap), torch.empty(0, dtype=torch.float32, device=device), generator)
+
+
 def wild_bootstrap_max(
     block: BlockFn,
     n: int,
@@ -187,11 +193,13 @@ def wild_bootstrap_max(
     *,
     device: torch.device,
     chunk_size: int = 1024,
+    multipliers: Tensor | None = None,
 ) -> StandardisedU:
     """U_l, sd_l, z_l = U_l / sd_l and the bootstrap draws z*_{l,b} of L degenerate U-statistics.
 
     One :func:`u_statistic_pass` with an (N, B) matrix of Rademacher signs drawn from
-    ``generator``, shared by all kernels. Runs under ``torch.no_grad``.
+    ``generator`` (:func:`rademacher_multipliers`) or given, shared by all kernels (and by
+    whatever else the caller calibrates jointly with them). Runs under ``torch.no_grad``.
 
     Args:
         block: the kernel blocks (:data:`BlockFn`).
@@ -201,12 +209,13 @@ def wild_bootstrap_max(
         generator: random source of the signs (on ``device``); None uses torch's global RNG.
         device: device of the work.
         chunk_size: block size of the pass.
+        multipliers: (N, B) signs to use instead of drawing them (``generator`` unused).
 
     Returns:
         :class:`StandardisedU`.
     """
     with torch.no_grad():
-        w = _random.rademacher((n, n_bootstrap), torch.empty(0, dtype=torch.float32, device=device), generator)
+        w = rademacher_multipliers(n, n_bootstrap, generator, device) if multipliers is None else multipliers
         res = u_statistic_pass(block, n, n_kernels, device=device, multipliers=w, chunk_size=chunk_size)
         assert res.hw is not None
         norm = float(n * (n - 1))

@@ -23,9 +23,11 @@ from fluxbench.verify import (
     default_eps_factor,
     defect,
     ksd2,
+    ksd_test,
     stationarity_test,
     stein_kernel,
 )
+from fluxbench.verify.modes import hotelling, responsibility_generator, wilson_hilferty
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_pass
 
 F64 = torch.float64
@@ -231,13 +233,15 @@ def test_report_fields_str_and_reproducibility():
     n_ells = len(DEFAULT_LENGTHSCALE_FACTORS)
     assert len(rep.lengthscales) == n_ells and rep.median_lengthscale > 0 and rep.n_bootstrap == 1000
     assert len(rep.ksd2) == n_ells and all(s > 0 for s in rep.ksd2_sd)
-    assert rep.statistic == pytest.approx(max(rep.details["standardised"]))
+    assert rep.statistic == pytest.approx(max(rep.details["standardised"] + rep.details["standardised_modes"]))
+    assert len(rep.details["standardised_modes"]) == len(rep.details["mode_settings"]) == 12  # 4 K x 3 widths
     text = str(rep)
     assert "p-value" in text and "ksd" in text and "lengthscales" in text and "PASS" in text
     again = stationarity_test(p.score, x, seed=5)
     assert again.p_value == rep.p_value and again.statistic == rep.statistic
     other = stationarity_test(p.score, x, seed=6)
-    assert other.statistic == rep.statistic  # the statistic does not depend on the seed here (N < 2000)
+    # the kernels' statistics do not depend on the seed here (N < 2000: no median subsample)
+    assert other.details["standardised"] == rep.details["standardised"]
     d = rep.to_dict()
     assert d["method"] == "ksd" and d["p_value"] == rep.p_value
 
@@ -558,11 +562,11 @@ def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
     assert again["p_rollout"].tolist() == before["p_rollout"].tolist()
 
 
-def _grid_tool():
-    """tools/ksd_grid.py as a module (tools/ is not a package)."""
+def _tool(name: str = "ksd_grid"):
+    """tools/NAME.py as a module (tools/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ksd_grid", Path(__file__).parents[1] / "tools" / "ksd_grid.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
@@ -572,7 +576,7 @@ def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
     """tools/ksd_grid.py: a sub-grid's p-value from the fine pass is ksd_test's with that grid."""
     from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
-    tool = _grid_tool()
+    tool = _tool()
     name, seeds, n = "iso2-rot_sym", range(1000, 1003), 300
     z, zb = tool.case_draws(name, seeds, n)
     rows = {r["grid"]: r for r in tool.grid_rates(name, z, zb)}
@@ -582,7 +586,7 @@ def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
         p = tool.grid_p_values(z, zb, tuple(factors))
         for k, s in enumerate(seeds):
             rep = stationarity_test(field, seed_samples(target, s, n), seed=s, lengthscale_factors=factors)
-            assert float(p[k]) == pytest.approx(rep.p_value, rel=1e-12)
+            assert float(p[k]) == pytest.approx(rep.details["p_value_kernels"], rel=1e-12)
         assert rows[next(g for g, f in tool.GRIDS.items() if f == tuple(factors))]["rejections"] == int((p < 0.01).sum())
     assert tool.main(["--cases", name, "--seeds", "1000", "1002", "--n", "200", "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
@@ -594,7 +598,7 @@ def test_grid_tool_gives_rollout_test_p_values(tmp_path):
     """tools/ksd_grid.py --test rollout: a sub-grid's p-value is rollout_test's with that grid."""
     from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
-    tool = _grid_tool()
+    tool = _tool()
     name, seeds, n = "iso2-drift", range(1000, 1002), 200
     z, zb = tool.rollout_case_draws(name, seeds, n)
     target, field, _ = make_case(CASE_BY_NAME[name])
@@ -608,3 +612,86 @@ def test_grid_tool_gives_rollout_test_p_values(tmp_path):
     assert tool.main(args) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "Rollout paired-MMD" in readme and "`rollout_test`" in readme and "`1 (median)`" in readme
+
+
+def _generator_by_autograd(g, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """L_f g = f . grad g + Lap g at x (N, d) by autograd, for a scalar function g (N, d) -> (N,)."""
+    xr = x.clone().requires_grad_(True)
+    grad = torch.autograd.grad(g(xr).sum(), xr, create_graph=True)[0]
+    lap = sum(torch.autograd.grad(grad[:, i].sum(), xr, retain_graph=True)[0][:, i] for i in range(x.shape[1]))
+    return (f * grad).sum(1) + lap
+
+
+def test_mode_test_functions_match_autograd():
+    """fluxbench.verify.modes, eq. (M1): L_f r_k in closed form equals autograd's f . grad r_k + Lap r_k."""
+    g = gen(3)
+    x, f = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
+    centres = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    closed = responsibility_generator(x, f, centres, 0.7)
+    for k in range(4):
+        resp = lambda z, k=k: torch.softmax(-(z[:, None] - centres[None]).square().sum(-1) / (2 * 0.7**2), 1)[:, k]
+        assert torch.allclose(closed[:, k], _generator_by_autograd(resp, x, f), atol=1e-10)
+
+
+def test_hotelling_is_chi2_under_h0_with_a_consistent_bootstrap():
+    """Mean-zero features: n mbar^T S^-1 mbar ~ chi^2_J (mean J, sd sqrt(2 J)), and the
+    multiplier bootstrap draws have the same law; collinear columns lower the rank."""
+    g = gen(4)
+    feats = torch.randn(400, 200, 3, generator=g, dtype=torch.float64)
+    stats = torch.stack([hotelling(a)[0] for a in feats])
+    # mean 3 within 4 SE (sqrt(6 / 400)), plus the O(J^2 / n) small-sample bias of Hotelling's T^2
+    assert abs(float(stats.mean()) - 3.0) < 4 * math.sqrt(6.0 / 400) + 0.1
+    w = torch.randint(0, 2, (200, 2000), generator=g).double() * 2 - 1
+    _, rank, boot = hotelling(feats[0], w)
+    assert rank == 3 and abs(float(boot.mean()) - 3.0) < 4 * math.sqrt(6.0 / 2000) + 0.1
+    collinear = torch.cat([feats[0], feats[0][:, :1] * 2.0], 1)
+    assert hotelling(collinear)[1] == 3
+
+
+def test_wilson_hilferty_puts_chi2_on_the_normal_scale():
+    """Eq. (M2): the upper tail of chi^2_r maps onto N(0, 1)'s (what a maximum uses): the
+    0.99 and 0.999 quantiles of 20000 draws are 2.326 and 3.090 within 4 SE (0.026 and
+    0.066, from the quantiles' asymptotic variance)."""
+    g = gen(6)
+    for r in (1, 2, 3, 5):
+        t = torch.randn(20000, r, generator=g, dtype=torch.float64).square().sum(1)
+        z = wilson_hilferty(t, r)
+        assert abs(float(torch.quantile(z, 0.99)) - 2.326) < 4 * 0.026
+        assert abs(float(torch.quantile(z, 0.999)) - 3.090) < 4 * 0.066
+
+
+def test_mode_test_functions_see_wrong_mixing_weights_that_kernels_miss():
+    """triangle-weights (calibration samples, N = 2000): the kernels alone do not reject on
+    these seeds, the mode test functions and hence ksd_test do (calibration: 1.00 over
+    seeds 0-99, kernels alone 0.02); the same samples under the true score pass."""
+    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
+
+    target, wrong, _ = make_case(CASE_BY_NAME["triangle-weights"])
+    for s in (0, 1):
+        x = seed_samples(target, s, 2000)
+        rep = ksd_test(wrong, x, seed=s)
+        assert rep.details["p_value_kernels"] > 0.05 and rep.details["p_value_modes"] < 0.005 and rep.p_value < 0.005
+        assert ksd_test(target.score, x, seed=s).passed
+    plain = ksd_test(wrong, x, seed=1, mode_clusters=())
+    assert plain.p_value == rep.details["p_value_kernels"] and "p_value_modes" not in plain.details
+
+
+def test_mode_options_are_checked_and_small_samples_skip_modes():
+    p = Gaussian.isotropic(2)
+    x = p.sample(30, generator=gen(5))
+    for bad in ({"mode_clusters": [1]}, {"mode_clusters": [2.5]}, {"mode_widths": [0.0]}, {"mode_widths": []}):
+        with pytest.raises(ValueError, match="mode"):
+            stationarity_test(p.score, x, **bad)
+    rep = stationarity_test(p.score, x)  # N = 30: only K = 2 and 3 have N >= 10 K
+    assert {k for k, _ in rep.details["mode_settings"]} == {2, 3}
+
+
+def test_stein_blindness_tool_bumps_match_autograd():
+    """tools/stein_blindness.py: its closed form of L_f k(., v) for RBF bumps equals autograd's."""
+    tool = _tool("stein_blindness")
+    g = gen(3)
+    x, f = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
+    centres = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    for k in range(4):
+        bump = lambda z, k=k: torch.exp(-(z - centres[k]).square().sum(1) / (2 * 1.3**2))
+        assert torch.allclose(tool.bump_features(x, f, centres, 1.3)[:, k], _generator_by_autograd(bump, x, f), atol=1e-10)

@@ -12,7 +12,9 @@ gives the standardised statistic z_l and its wild-bootstrap draws z*_{l,b} for e
 lengthscale of a fine grid (``FINE_FACTORS`` x the median heuristic), with the
 multipliers shared by all lengthscales. The test of any sub-grid G is then exact without
 another pass: T = max_{l in G} z_l, p = (1 + #{b : max_{l in G} z*_{l,b} >= T}) / (1 + B),
-which is what ``ksd_test(lengthscale_factors=G, seed=s)`` computes.
+which is the kernels' part of ``ksd_test(lengthscale_factors=G, seed=s)``
+(``details["p_value_kernels"]``; the mode test functions of ``fluxbench.verify.modes``
+join that maximum in the full test, and are not compared here).
 
 The grid of ``DEFAULT_LENGTHSCALE_FACTORS`` was chosen from this table on seeds
 1000-1099; the calibration table (``results/calibration``, seeds 0-99) is the held-out

@@ -250,6 +250,27 @@ MUTANTS: tuple[Mutant, ...] = (
         "(v1 - v2).pow(2)",
         "Gaussian sliced W2: variances used for standard deviations",
     ),
+    Mutant(
+        "mode_laplacian_term_dropped",
+        "fluxbench/verify/modes.py",
+        "return r * ((fx[:, None, :] * du).sum(-1) + n2 - (r * n2).sum(1, keepdim=True))",
+        "return r * ((fx[:, None, :] * du).sum(-1) + n2)",
+        "mode test functions: L_f r_k missing the -sum_j r_j |u_j - u|^2 part of the Laplacian",
+    ),
+    Mutant(
+        "ksd_max_without_modes",
+        "fluxbench/verify/stationarity.py",
+        "p = float(bootstrap_p_values(stat, z_boot.max(0).values, tie_tolerance(z)))",
+        "p = res.p_value()",
+        "ksd_test: p-value from the kernels alone, the mode statistics left out of the maximum",
+    ),
+    Mutant(
+        "hotelling_bootstrap_unscaled",
+        "fluxbench/verify/modes.py",
+        "boot = (multipliers.T.to(feats.dtype) @ centred @ whiten).square().sum(1) / n",
+        "boot = (multipliers.T.to(feats.dtype) @ centred @ whiten).square().sum(1) / n**0.5",
+        "Hotelling bootstrap draws scaled by 1/sqrt(n) instead of 1/n",
+    ),
 )
 
 GUARD = '''"""Written by tools/mutants.py: record where each pytest process imports fluxbench from."""

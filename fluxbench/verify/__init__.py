@@ -1,9 +1,10 @@
 """Verification of stationarity: does the law p stay put under dX = f dt + sqrt(2) dW? (SPEC sections 1, 5)
 
 * :func:`stationarity_test` -- sample-based tests of H0 "p is stationary for f": the
-  multi-bandwidth generator kernel Stein discrepancy (``method="ksd"``), a sampler
-  rollout with a paired MMD test of chain ends against chain starts (``"rollout"``), or
-  both (``"combined"``).
+  multi-bandwidth generator kernel Stein discrepancy, with Stein statistics of the
+  samples' mode responsibilities (:mod:`fluxbench.verify.modes`) in the same maximum
+  (``method="ksd"``), a sampler rollout with a paired MMD test of chain ends against
+  chain starts (``"rollout"``), or both (``"combined"``).
 * :func:`stein_kernel`, :func:`ksd2` -- the Stein kernel h(x, y) of SPEC section 5 and the
   KSD^2 U-statistic.
 * :func:`defect`, :func:`current_divergence` -- the stationarity defect r = div u + u . s

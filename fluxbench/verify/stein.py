@@ -183,13 +183,20 @@ def ksd_pass(
 
 
 def ksd_bootstrap(
-    x: Tensor, fx: Tensor, lengthscales: Sequence[float], n_bootstrap: int, generator: torch.Generator, chunk_size: int
+    x: Tensor,
+    fx: Tensor,
+    lengthscales: Sequence[float],
+    n_bootstrap: int,
+    generator: torch.Generator | None,
+    chunk_size: int,
+    multipliers: Tensor | None = None,
 ) -> StandardisedU:
     """The KSD U-statistics of each lengthscale, standardised, with their wild-bootstrap draws (no checks).
 
     :func:`fluxbench.ustat.wild_bootstrap_max` over :func:`stein_blocks`: x, fx (N, d);
-    the (N, B) Rademacher multipliers come from ``generator`` and are shared by all
-    lengthscales. What :func:`fluxbench.verify.ksd_test` and ``tools/ksd_grid.py`` compute.
+    the (N, B) Rademacher multipliers are ``multipliers`` or drawn from ``generator``, and
+    shared by all lengthscales. What :func:`fluxbench.verify.ksd_test` and
+    ``tools/ksd_grid.py`` compute.
     """
     with no_autocast(x.device):
         return wild_bootstrap_max(
@@ -200,6 +207,7 @@ def ksd_bootstrap(
             generator,
             device=x.device,
             chunk_size=chunk_size,
+            multipliers=multipliers,
         )
 
 
