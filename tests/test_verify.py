@@ -7,6 +7,7 @@ errors, SE) next to the assertion and use fixed seeds.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -684,6 +685,15 @@ def test_mode_options_are_checked_and_small_samples_skip_modes():
             stationarity_test(p.score, x, **bad)
     rep = stationarity_test(p.score, x)  # N = 30: only K = 2 and 3 have N >= 10 K
     assert {k for k, _ in rep.details["mode_settings"]} == {2, 3}
+    # two distinct points: no clustering has spread, or k-means++ cannot place K > 2
+    # centres; the modes are skipped, quietly and without NaN, and the kernels still test
+    two = torch.zeros(100, 2)
+    two[50:] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = stationarity_test(lambda z: -z, two)
+    assert rep.details["mode_settings"] == () and "p_value_modes" not in rep.details
+    assert math.isfinite(rep.p_value) and rep.p_value == rep.details["p_value_kernels"]
 
 
 def test_stein_blindness_tool_bumps_match_autograd():

@@ -89,18 +89,26 @@ def responsibility_generator(x: Tensor, fx: Tensor, centres: Tensor, tau: float)
     return r * ((fx[:, None, :] * du).sum(-1) + n2 - (r * n2).sum(1, keepdim=True))
 
 
-def fit_modes(x: Tensor, n_clusters: int, seed: int) -> tuple[Tensor, float]:
+def fit_modes(x: Tensor, n_clusters: int, seed: int) -> tuple[Tensor, float] | None:
     """k-means centres (K, d) of x (on x's device and dtype) and the within-cluster standard deviation.
 
     ``scipy.cluster.vq.kmeans2`` with a k-means++ start from ``numpy.random.default_rng(seed)``
     (one host copy of x). The standard deviation is ``sqrt(mean_i |x_i - c(x_i)|^2 / d)``.
+    None when x has fewer distinct points than K (k-means++ cannot place the centres) or
+    no spread around them: there are then no modes to test.
     """
     data = x.detach().to("cpu", torch.float64).numpy()
     with warnings.catch_warnings():
-        # an empty cluster keeps its start: its responsibility is still a valid test function
+        # an empty cluster keeps its start: its responsibility is still a valid test function;
+        # k-means++ on fewer distinct points than K divides by zero, caught below as NaN centres
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
         centres, labels = kmeans2(data, n_clusters, minit="++", rng=np.random.default_rng(seed))
+    if not np.isfinite(centres).all():
+        return None
     spread = math.sqrt(float(((data - centres[labels]) ** 2).sum(1).mean()) / data.shape[1])
+    if not spread > 0:
+        return None
     return torch.from_numpy(centres).to(x.device, x.dtype), spread
 
 
@@ -157,7 +165,8 @@ def mode_statistics(
     For each K in ``clusters`` with N >= 10 K: :func:`fit_modes` (seed ``seed + K``), then for
     each width c the K - 1 functions ``L_f r_k`` (equation (M1), tau = c x the
     within-cluster standard deviation, in float64) enter :func:`hotelling` with the
-    (N, B) ``multipliers``. Settings whose covariance has rank 0 are skipped.
+    (N, B) ``multipliers``. K with no fit (fewer distinct points than K, or no spread) and
+    settings whose covariance has rank 0 are skipped; ``settings`` lists those used.
     """
     n = x.shape[0]
     xd, fd = x.detach().double(), fx.detach().double()
@@ -165,10 +174,11 @@ def mode_statistics(
     for k in clusters:
         if n < 10 * k or k < 2:
             continue
-        centres, spread = fit_modes(xd, k, seed + k)
+        fit = fit_modes(xd, k, seed + k)
+        if fit is None:
+            continue
+        centres, spread = fit
         for c in widths:
-            if spread <= 0:
-                continue
             stat, rank, boot = hotelling(responsibility_generator(xd, fd, centres, c * spread)[:, :-1], multipliers)
             if rank == 0 or boot is None:
                 continue
