@@ -81,7 +81,8 @@ def population(n_mc: int, seed: int) -> pd.DataFrame:
         stat, k, _ = hotelling(feats)
         lam = float(stat) * N_TEST / x.shape[0]
         power = float(stats.ncx2.sf(stats.chi2.isf(ALPHA, k), k, lam))
-        rows.append({"family": family, "scale": scale, "functions": j, "rank": k, "best_single_snr": float(_snr(feats).abs().max()),
+        rows.append({"family": family, "scale": scale, "functions": j, "rank": k,
+                     "best_single_snr": float(_snr(feats).abs().max()),
                      "hotelling_noncentrality": lam, "hotelling_power": power})
 
     for j in BUMP_LOCATIONS:
@@ -124,10 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     pop = population(args.mc, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "population.csv", pop.to_csv(index=False))
-    fmt = {"best_single_snr": "{:.2f}".format, "hotelling_noncentrality": "{:.1f}".format, "hotelling_power": "{:.3f}".format}
+    fmt = {"best_single_snr": "{:.2f}".format, "hotelling_noncentrality": "{:.1f}".format,
+           "hotelling_power": "{:.3f}".format}
     text = [
         "# Stein test functions on `triangle-weights` (N = 2000, alpha = 0.01)\n",
-        f"`python {' '.join(['tools/stein_blindness.py', *sys.argv[1:]])}` ({platform.machine()}, torch {torch.__version__}; "
+        f"`python {' '.join(['tools/stein_blindness.py', *sys.argv[1:]])}` "
+        f"({platform.machine()}, torch {torch.__version__}; "
         f"{args.mc} Monte Carlo samples, seed {args.seed}). See the tool's docstring for the definitions.\n",
         "```", pop.to_string(index=False, formatters=fmt), "```",
     ]
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.learned:
         lr = learned(args.learned)
         write_text(args.out / "learned.csv", lr.to_csv(index=False))
-        text += ["\n## Learned responsibilities (k-means), rejection rate at alpha = 0.01\n", "```", lr.to_string(index=False), "```"]
+        text += ["\n## Learned responsibilities (k-means), rejection rate at alpha = 0.01\n",
+                 "```", lr.to_string(index=False), "```"]
         print(lr.to_string(index=False))
     write_text(args.out / "README.md", "\n".join(text) + "\n")
 

@@ -37,7 +37,7 @@ which is ~N(0, 1) for chi^2_r: standardising by ``(T - r) / sqrt(2 r)`` instead 
 chi^2_1's heavy right tail, whose bootstrap maximum (5.4 against 3.0, on ``iso2-temp09``)
 raised the threshold of the whole maximum and halved the kernels' power there. Any
 monotone transform keeps the test valid: the bootstrap draws, which use the same
-Rademacher multipliers W, ``T*_b = N |S^+/2 sum_i W_ib (a_i - abar) / N|^2``, go through
+Rademacher multipliers W, ``T*_b = N |(S^+)^(1/2) sum_i W_ib (a_i - abar) / N|^2``, go through
 the same transform, so the maximum over both families keeps its joint null law.
 """
 
@@ -121,8 +121,9 @@ def hotelling(feats: Tensor, multipliers: Tensor | None = None) -> tuple[Tensor,
     """Hotelling's ``T = n mbar^T S^+ mbar`` of (n, J) features, rank(S), and bootstrap draws.
 
     ``S = sum_i (a_i - abar)(a_i - abar)^T / n``; eigenvalues below ``1e-10`` of the largest
-    are dropped. With (n, B) ``multipliers`` W also ``T*_b = n |S^+/2 sum_i W_ib (a_i - abar) / n|^2``
-    (B,). Under H0 (mean zero) T is asymptotically chi^2 with rank(S) degrees of freedom.
+    are dropped. With (n, B) ``multipliers`` W also the (B,) draws
+    ``T*_b = n |(S^+)^(1/2) sum_i W_ib (a_i - abar) / n|^2``. Under H0 (mean zero) T is
+    asymptotically chi^2 with rank(S) degrees of freedom.
     """
     n = feats.shape[0]
     centred = feats - feats.mean(0)
