@@ -44,6 +44,7 @@ __all__ = [
     "wild_bootstrap_max",
     "bootstrap_null_sd",
     "bootstrap_p_values",
+    "max_p_value",
     "tie_tolerance",
     "default_n_bootstrap",
     "rademacher_multipliers",
@@ -153,6 +154,16 @@ def bootstrap_p_values(stat: Tensor, null: Tensor, tol: Tensor | float = 0.0) ->
     return (1 + (null >= (stat - tol)[..., None]).sum(-1)).double() / (1 + null.shape[-1])
 
 
+def max_p_value(z: Tensor, z_boot: Tensor, tol: Tensor | None = None) -> float:
+    """p-value of ``max_l z_l`` against the draws' ``max_l z*_{l,b}``: z (L,), z_boot (L, B).
+
+    The statistics must share their bootstrap draws (the same multipliers), so the
+    maximum's null law is theirs jointly. ``tol`` defaults to :func:`tie_tolerance` of z.
+    """
+    tol = tie_tolerance(z) if tol is None else tol
+    return float(bootstrap_p_values(z.max(), z_boot.max(0).values, tol))
+
+
 class StandardisedU(NamedTuple):
     """Standardised U-statistics and their wild-bootstrap draws (:func:`wild_bootstrap_max`).
 
@@ -171,8 +182,7 @@ class StandardisedU(NamedTuple):
     def p_value(self, kernels: Sequence[int] | None = None) -> float:
         """p-value of ``max_l z_l`` over ``kernels`` (all by default), calibrated by the shared draws."""
         idx = list(range(self.z.shape[0])) if kernels is None else list(kernels)
-        stat = self.z[idx].max()
-        return float(bootstrap_p_values(stat, self.z_boot[idx].max(0).values, tie_tolerance(self.z)))
+        return max_p_value(self.z[idx], self.z_boot[idx], tie_tolerance(self.z))
 
     def p_value_sum(self) -> float:
         """p-value of ``sum_l z_l`` (the alternative to the maximum), from the same draws."""

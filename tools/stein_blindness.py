@@ -42,7 +42,7 @@ from torch import Tensor
 
 from fluxbench._io import write_text
 from fluxbench.kernels import median_bandwidth
-from fluxbench.ustat import bootstrap_p_values, rademacher_multipliers
+from fluxbench.ustat import max_p_value, rademacher_multipliers
 from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 from fluxbench.verify.modes import hotelling, mode_statistics, responsibility_generator
 
@@ -100,7 +100,7 @@ def learned_test(x: Tensor, f: Tensor, seed: int, n_bootstrap: int = 1000) -> fl
     ``ksd_test``) on one sample: the maximum of their standardised Hotelling statistics."""
     w = rademacher_multipliers(x.shape[0], n_bootstrap, torch.Generator().manual_seed(seed), x.device)
     res = mode_statistics(x, f, w, seed=seed)
-    return float(bootstrap_p_values(res.z.max(), res.z_boot.max(0).values))
+    return max_p_value(res.z, res.z_boot)
 
 
 def learned(n_seeds: int) -> pd.DataFrame:

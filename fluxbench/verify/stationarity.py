@@ -18,7 +18,7 @@ from fluxbench import _random
 from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int
 from fluxbench._random import generator_from_seed
 from fluxbench.kernels import median_bandwidth
-from fluxbench.ustat import bootstrap_p_values, default_n_bootstrap, rademacher_multipliers, tie_tolerance
+from fluxbench.ustat import default_n_bootstrap, max_p_value, rademacher_multipliers
 from fluxbench.verify.modes import DEFAULT_MODE_CLUSTERS, DEFAULT_MODE_WIDTHS, mode_statistics
 from fluxbench.verify.report import StationarityReport
 from fluxbench.verify.stein import (
@@ -230,7 +230,7 @@ def ksd_test(
     z = torch.cat([res.z, modes.z.to(res.z.device)])
     z_boot = torch.cat([res.z_boot, modes.z_boot.to(res.z.device)])
     stat = z.max()
-    p = float(bootstrap_p_values(stat, z_boot.max(0).values, tie_tolerance(z)))
+    p = max_p_value(z, z_boot)
     per_l = [res.p_value([li]) for li in range(len(ells))]
     p_sum = res.p_value_sum()
     details: dict = {
@@ -244,9 +244,7 @@ def ksd_test(
         "shared Rademacher multipliers",
     }
     if modes.settings:
-        details["p_value_modes"] = float(
-            bootstrap_p_values(modes.z.max(), modes.z_boot.max(0).values, tie_tolerance(modes.z))
-        )
+        details["p_value_modes"] = max_p_value(modes.z, modes.z_boot)
     if med is not None and 1.0 in factors:
         details["p_value_median"] = per_l[factors.index(1.0)]
     return StationarityReport(
