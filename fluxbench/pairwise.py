@@ -384,7 +384,9 @@ def _block_buffer(n: int, dtype: torch.dtype, device: torch.device, slot: int = 
     key = (dtype, device, slot)
     buf = buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = buffers[key] = torch.empty(max(n, _BLOCK), dtype=dtype, device=device)
+        # a normal tensor even when first needed in inference mode: callers outside it write to it
+        with torch.inference_mode(False):
+            buf = buffers[key] = torch.empty(max(n, _BLOCK), dtype=dtype, device=device)
     return buf[:n]
 
 

@@ -236,6 +236,48 @@ def test_same_seed_same_bits():
     assert not torch.equal(a, c)
 
 
+# ---------------------------------------------------------------- inference mode inside the loss
+
+
+@pytest.mark.parametrize("backend", ["dense", "fused"])
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_what_the_loss_returns_is_ordinary_and_callers_modes_agree(backend, closed_form):
+    """Steps 1-6 run in inference mode. What the loss hands back is an ordinary tensor (the
+    loss in the field's graph; FluxLossInfo's x0 and x_t writable in place), and a caller's
+    own inference mode or no_grad gives the same values, by the closed-form pullback or by
+    autograd."""
+    torch.manual_seed(0)
+    model = MLPField(2, hidden=(16,))
+    field = model if closed_form else (lambda z: model(z))
+    x = torch.randn(300, 2, generator=gen(1))
+    loss, info = flux_matching_loss(field, x, 0.3, backend=backend, generator=gen(2), return_info=True)
+    assert not any(t.is_inference() for t in (loss, info.x0, info.x_t))
+    loss.mean().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
+    info.x0.add_(1.0)
+    info.x_t.mul_(2.0)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            again = flux_matching_loss(field, x, 0.3, backend=backend, generator=gen(2))
+        assert torch.equal(again, loss.detach()), mode
+
+
+def test_caches_first_filled_in_inference_mode_serve_normal_mode():
+    """The pairwise block buffer and the monomial index tables are shared across calls: made
+    inside the loss's inference mode, they must still be ordinary tensors, or a later call
+    outside it that writes to the buffer fails."""
+    bs = importlib.import_module("fluxbench.objectives.batch_score")
+    pairwise._workspace.buffers = {}
+    bs._monomials.cache_clear()
+    x = torch.randn(2048, 2, generator=gen(0))
+    flux_matching_loss(MLPField(2), x, 0.3, backend="fused", generator=gen(1))
+    buffers = list(pairwise._workspace.buffers.values())
+    monomials = bs._monomials(2, x.device)
+    assert buffers and not any(b.is_inference() for b in buffers)
+    assert not any(t.is_inference() for t in (monomials.qa, monomials.c_full))
+    batch_score(x, x, 0.3)  # writes into the shared buffer outside inference mode
+
+
 def test_fused_backend_with_padding_matches_dense_in_distribution():
     """B = 203 is not a multiple of the frame count: the fused backend pads rows, which
     must never act as keys. Draws differ between backends (rows are permuted), so compare

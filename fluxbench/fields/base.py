@@ -12,7 +12,9 @@ pair ``(f(x), pullback)`` with
 
 all (N, d). The Flux Matching loss needs exactly this at its chain end points (the field
 part of grad r_hat, SPEC section 2, steps 3-4); without the method it is autograd's
-double backward. :class:`fluxbench.fields.MLPField` implements it in closed form.
+double backward. :class:`fluxbench.fields.MLPField` implements it in closed form. The loss
+calls both the method and the pullback inside ``torch.inference_mode()``: they must
+compute without autograd.
 """
 
 from __future__ import annotations

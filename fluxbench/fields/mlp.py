@@ -97,21 +97,22 @@ def _mlp_defect_pullback(
         f = f / scale
     calls = []
 
-    @torch.no_grad()
     def pullback(s: Tensor) -> Tensor:
         if calls:
             raise RuntimeError("this defect pullback was already used (it consumes its saved tensors)")
         calls.append(1)
-        s_adj, e_adj = (s, probe) if scale is None else (s / scale, probe / scale)
-        if not layers:  # no hidden layer: f is affine and J constant
-            return s_adj @ last.weight[:, :d]
-        hb, hb_tangent = s_adj @ last.weight, e_adj @ last.weight
-        for i in range(len(layers) - 1, -1, -1):
-            first, curvature, weight = layers[i]
-            ab = curvature.mul_(hb_tangent).addcmul_(hb, first)
-            if i == 0:
-                return ab @ weight
-            hb, hb_tangent = ab @ weight, hb_tangent.mul_(first) @ weight
+        # a context, not a decorator: wrapping this closure anew on every call costs more
+        with torch.no_grad():
+            s_adj, e_adj = (s, probe) if scale is None else (s / scale, probe / scale)
+            if not layers:  # no hidden layer: f is affine and J constant
+                return s_adj @ last.weight[:, :d]
+            hb, hb_tangent = s_adj @ last.weight, e_adj @ last.weight
+            for i in range(len(layers) - 1, -1, -1):
+                first, curvature, weight = layers[i]
+                ab = curvature.mul_(hb_tangent).addcmul_(hb, first)
+                if i == 0:
+                    return ab @ weight
+                hb, hb_tangent = ab @ weight, hb_tangent.mul_(first) @ weight
 
     return f, pullback
 
@@ -174,7 +175,7 @@ class MLPField(nn.Module):
         covered (activations other than SiLU and Tanh, a subclass that overrides
         ``forward``): callers then use autograd. Not differentiable in the parameters.
         """
-        if type(self).forward is not MLPField.forward or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+        if type(self).forward is not MLPField.forward or any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.net, *self.net)):
             return None
         x_in, scale = self._net_input(x, sigma)
         return _mlp_defect_pullback(self.net, x_in, probe, self.dim, scale)

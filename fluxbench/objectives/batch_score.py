@@ -92,6 +92,8 @@ def _no_autocast(method):
 
     @functools.wraps(method)
     def wrapper(self, first, *args):
+        if not torch.is_autocast_enabled(first.device.type):
+            return method(self, first, *args)
         with no_autocast(first.device):
             return method(self, first, *args)
 
@@ -385,7 +387,8 @@ def moment_width(d: int) -> int:
 
 @lru_cache(maxsize=None)
 def _monomials(d: int, device: torch.device) -> _Monomials:
-    return _Monomials(d, device)
+    with torch.inference_mode(False):  # cached: usable in and outside inference mode
+        return _Monomials(d, device)
 
 
 class _Monomials:

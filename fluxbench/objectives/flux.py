@@ -28,6 +28,8 @@ What differs from the published code, all without changing the estimator's expec
 * every B x B sum runs chunked in float32 or better, in fused attention kernels or (on
   CPU) 4 MiB blocks with one exponential per pair, the transition sums of step 6 in a
   single pass (``fluxbench.pairwise``); nothing B x B is stored;
+* steps 1-6 are never differentiated and run in inference mode, without autograd's
+  per-operation bookkeeping (a step at B = 256 is mostly per-operation overhead);
 * s_hat(x0) is computed once and reused for the first sub-step, mu and the loss;
 * t is clamped to at least ``T_MIN`` (at t = 0 the published code divides by v = 0);
 * a sigma tensor with several distinct values is rejected.
@@ -162,17 +164,22 @@ def flux_matching_loss(
     dtype = compute_dtype(x)
     xc = x.detach().to(dtype)
     var = sig * sig
-    # rows below are in the kernel's working order (P >= B rows, see BatchKernel)
-    kern = make_batch_kernel(xc, sig, backend=backend, chunk_size=chunk_size)
-    xw = kern.rows(xc)
-    p = xw.shape[0]
+    # Steps 1-6 are never differentiated: inference mode skips autograd's bookkeeping on
+    # each of their ~230 operations (5% of a step at B = 256, d = 2). What they make
+    # enters the graph only as copies made outside it.
+    with torch.inference_mode():
+        # rows below are in the kernel's working order (P >= B rows, see BatchKernel)
+        kern = make_batch_kernel(xc, sig, backend=backend, chunk_size=chunk_size)
+        xw = kern.rows(xc)
+        p = xw.shape[0]
 
-    # 1. anchors and their batch score, computed once
-    x0 = xw + sig * normal((p, d), xc, generator)
-    m0 = kern.mean(x0)
-    s0 = (m0 - x0) / var
+        # 1. anchors and their batch score, computed once
+        x0 = xw + sig * normal((p, d), xc, generator)
+        m0 = kern.mean(x0)
+        s0 = (m0 - x0) / var
 
-    # 2. the reference time, its importance weight, and the chains from x0 to x_t
+    # 2. the reference time and its importance weight (outside inference mode: a learned
+    # proposal's log_q carries its graph), then the chains from x0 to x_t
     if t is not None:
         t_val, log_q = float(t), xc.new_zeros(())
     elif proposal is None:
@@ -182,36 +189,41 @@ def flux_matching_loss(
         t_tensor, log_q = proposal.sample(sig, xc, generator)
         t_val = float(t_tensor)
     t_val = max(t_val, T_MIN)
-    inv_q = 1.0 if t is not None else math.exp(-float(log_q.detach()))  # log_q may carry the proposal's graph
-    sel, chain_weight = kern.select_chains(chains, generator)
-    z, m = (x0, m0) if sel is None else (x0[sel], m0[sel])
-    c = z.shape[0]
+    inv_q = 1.0 if t is not None else math.exp(-float(log_q.detach()))
+    with torch.inference_mode():
+        sel, chain_weight = kern.select_chains(chains, generator)
+        z, m = (x0, m0) if sel is None else (x0[sel], m0[sel])
+        c = z.shape[0]
 
-    h = t_val / substeps
-    rho_h = math.exp(-h)
-    noise_scale = sig * math.sqrt(-math.expm1(-2 * h))
-    for k in range(substeps):
-        noise = normal((c, d), xc, generator)
-        z = torch.mul(z, rho_h).add_(m, alpha=1 - rho_h).add_(noise, alpha=noise_scale)
-        if k < substeps - 1:
-            m = kern.mean(z)
-    x_t = z
+        h = t_val / substeps
+        rho_h = math.exp(-h)
+        noise_scale = sig * math.sqrt(-math.expm1(-2 * h))
+        for k in range(substeps):
+            noise = normal((c, d), xc, generator)
+            z = torch.mul(z, rho_h).add_(m, alpha=1 - rho_h).add_(noise, alpha=noise_scale)
+            if k < substeps - 1:
+                m = kern.mean(z)
+        x_t = z
 
-    # 3-4. g = grad r_hat at x_t: the field's derivatives by autograd, the batch score's in closed form
-    probe = rademacher((c, d), xc, generator) if divergence == "hutchinson" else None
-    g = _defect_gradient(field, x_t, kern, probe, x.dtype)
+        # 3-4. g = grad r_hat at x_t: the field's derivatives, the batch score's in closed form
+        probe = rademacher((c, d), xc, generator) if divergence == "hutchinson" else None
+        g = _defect_gradient(field, x_t, kern, probe, x.dtype)
 
-    # 5-6. transition weights normalised over all anchors, then g_hat
-    rho = math.exp(-t_val)
-    mu = x0 + (1 - rho) * var * s0
+        # 5-6. transition weights normalised over all anchors, then g_hat
+        rho = math.exp(-t_val)
+        mu = x0 + (1 - rho) * var * s0
+        g_sum = kern.transition_sum(mu, x_t, -var * math.expm1(-2 * t_val), g, sel)
+        # the batch's own order from here on (f acts row by row)
+        x0, s0, g_sum = kern.restore(x0), kern.restore(s0), kern.restore(g_sum)
     weight = rho * inv_q * chain_weight
-    g_hat = weight * kern.transition_sum(mu, x_t, -var * math.expm1(-2 * t_val), g, sel)
+    g_hat = weight * g_sum
 
-    # 7. the loss, differentiated through f at the anchors only
-    f0 = _field_at(field, x0.to(x.dtype), "field")
-    loss = kern.restore(-2 * ((f0.to(dtype) - s0) * g_hat).sum(1))
+    # 7. the loss, differentiated through f at the anchors only (at a copy of x0 made
+    # outside inference mode: the field's graph keeps it)
+    f0 = _field_at(field, x0.to(x.dtype, copy=True), "field")
+    loss = -2 * ((f0.to(dtype) - s0) * g_hat).sum(1)
     if return_info:
-        return loss, FluxLossInfo(t=t_val, log_q=log_q, weight=weight, x0=kern.restore(x0), x_t=x_t)
+        return loss, FluxLossInfo(t=t_val, log_q=log_q, weight=weight, x0=x0.clone(), x_t=x_t.clone())
     return loss
 
 
@@ -228,25 +240,26 @@ def _defect_gradient(
     field's closed-form ``defect_pullback`` where it has one (see
     :mod:`fluxbench.fields.base`), else by autograd (one vector-Jacobian product kept in the
     graph, then one backward); the batch-score terms come in closed form from
-    :meth:`BatchKernel.score_terms`.
+    :meth:`BatchKernel.score_terms`. Called in inference mode: the closed form runs there,
+    autograd leaves it.
     """
-    z = y.detach().to(field_dtype)
     fast = None
     if probe is not None and hasattr(field, "defect_pullback"):
-        with torch.no_grad():
-            fast = field.defect_pullback(z, probe.to(field_dtype))
+        z = y.to(field_dtype)
+        fast = field.defect_pullback(z, probe.to(field_dtype))
     if fast is not None:
         f, pullback = fast
         s, g_s = kern.score_terms(y, check_field_output(f, z, "field"), probe)
-        with torch.no_grad():
-            return g_s + pullback(s.to(f.dtype)).to(g_s.dtype)
-    with torch.enable_grad():
-        z.requires_grad_(True)
+        return g_s + pullback(s.to(f.dtype)).to(g_s.dtype)
+    # autograd needs normal tensors (inference tensors cannot be saved for backward)
+    with torch.inference_mode(False), torch.enable_grad():
+        z = y.to(field_dtype, copy=True).requires_grad_(True)
         f = _field_at(field, z, "field")
-        s, g_s = kern.score_terms(y, f.detach(), probe)
-        phi = (f * s.to(f.dtype)).sum()
+    s, g_s = kern.score_terms(y, f.detach(), probe)
+    with torch.inference_mode(False), torch.enable_grad():
+        phi = (f * s.to(f.dtype, copy=True)).sum()
         if probe is not None:
-            eps = probe.to(f.dtype)
+            eps = probe.to(f.dtype, copy=True)
             (vjp,) = torch.autograd.grad(f, z, eps, create_graph=True, allow_unused=True)
             if vjp is not None and vjp.requires_grad:
                 phi = phi + (vjp * eps).sum()
