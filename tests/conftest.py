@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,3 +25,11 @@ def strategy(request):
     """Run the test under both pairwise strategies (fused attention, materialised blocks)."""
     with pairwise.use_attention(request.param == "attention"):
         yield request.param
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool

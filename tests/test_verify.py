@@ -31,6 +31,8 @@ from fluxbench.verify import (
 from fluxbench.verify.modes import hotelling, responsibility_generator, wilson_hilferty
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_pass
 
+from .conftest import load_tool
+
 F64 = torch.float64
 
 
@@ -563,21 +565,11 @@ def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
     assert again["p_rollout"].tolist() == before["p_rollout"].tolist()
 
 
-def _tool(name: str = "ksd_grid"):
-    """tools/NAME.py as a module (tools/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
     """tools/ksd_grid.py: a sub-grid's p-value from the fine pass is ksd_test's with that grid."""
     from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
-    tool = _tool()
+    tool = load_tool("ksd_grid")
     name, seeds, n = "iso2-rot_sym", range(1000, 1003), 300
     z, zb = tool.case_draws(name, seeds, n)
     rows = {r["grid"]: r for r in tool.grid_rates(name, z, zb)}
@@ -599,7 +591,7 @@ def test_grid_tool_gives_rollout_test_p_values(tmp_path):
     """tools/ksd_grid.py --test rollout: a sub-grid's p-value is rollout_test's with that grid."""
     from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
-    tool = _tool()
+    tool = load_tool("ksd_grid")
     name, seeds, n = "iso2-drift", range(1000, 1002), 200
     z, zb = tool.rollout_case_draws(name, seeds, n)
     target, field, _ = make_case(CASE_BY_NAME[name])
@@ -698,7 +690,7 @@ def test_mode_options_are_checked_and_small_samples_skip_modes():
 
 def test_stein_blindness_tool_bumps_match_autograd():
     """tools/stein_blindness.py: its closed form of L_f k(., v) for RBF bumps equals autograd's."""
-    tool = _tool("stein_blindness")
+    tool = load_tool("stein_blindness")
     g = gen(3)
     x, f = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 3, generator=g, dtype=torch.float64)
     centres = torch.randn(4, 3, generator=g, dtype=torch.float64)
