@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fluxbench import _random
-from fluxbench.kernels import _blocks
+from fluxbench.kernels import _blocks, no_autocast
 
 __all__ = [
     "UStatPass",
@@ -88,6 +88,7 @@ def u_statistic_pass(
     the caller's per-block work (a few ``chunk_size^2`` values; never N x N unless
     ``chunk_size >= N``) plus the (L, N, B) products. ``sums`` keeps the blocks' autograd
     graph (``fluxbench.verify.ksd2`` differentiates it); everything else is detached.
+    Blocks are evaluated with autocast off.
 
     Args:
         block: the kernel blocks, see :data:`BlockFn`; called once per block pair (I, J).
@@ -102,29 +103,31 @@ def u_statistic_pass(
     Returns:
         :class:`UStatPass`.
     """
-    sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n_kernels)]
-    sq = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n_kernels)]
-    hw = wb = None
-    if multipliers is not None:
-        wb = multipliers.to(bootstrap_dtype)
-        hw = torch.zeros((n_kernels, n, wb.shape[1]), dtype=bootstrap_dtype, device=device)
-    blocks = _blocks(n, chunk_size)
-    for bi, (i0, i1) in enumerate(blocks):
-        for j0, j1 in blocks[bi:]:
-            diag = i0 == j0
-            eye = torch.eye(i1 - i0, dtype=torch.bool, device=device) if diag else None
-            weight = 1.0 if diag else 2.0
-            for li, h in enumerate(block(i0, i1, j0, j1)):
-                if eye is not None:
-                    h = h.masked_fill(eye, 0.0)
-                sums[li] = sums[li] + weight * h.sum(dtype=torch.float64)
-                sq[li] = sq[li] + weight * h.detach().pow(2).sum(dtype=torch.float64)
-                if hw is not None and wb is not None:
-                    hb = h.detach().to(bootstrap_dtype)
-                    hw[li, i0:i1] += hb @ wb[j0:j1]
-                    if not diag:
-                        hw[li, j0:j1] += hb.T @ wb[i0:i1]
-    return UStatPass(torch.stack(sums), torch.stack(sq), hw)
+    # autocast off: the kernel blocks are distances and exponentials, kept in fp32 or better
+    with no_autocast(device):
+        sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n_kernels)]
+        sq = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n_kernels)]
+        hw = wb = None
+        if multipliers is not None:
+            wb = multipliers.to(bootstrap_dtype)
+            hw = torch.zeros((n_kernels, n, wb.shape[1]), dtype=bootstrap_dtype, device=device)
+        blocks = _blocks(n, chunk_size)
+        for bi, (i0, i1) in enumerate(blocks):
+            for j0, j1 in blocks[bi:]:
+                diag = i0 == j0
+                eye = torch.eye(i1 - i0, dtype=torch.bool, device=device) if diag else None
+                weight = 1.0 if diag else 2.0
+                for li, h in enumerate(block(i0, i1, j0, j1)):
+                    if eye is not None:
+                        h = h.masked_fill(eye, 0.0)
+                    sums[li] = sums[li] + weight * h.sum(dtype=torch.float64)
+                    sq[li] = sq[li] + weight * h.detach().pow(2).sum(dtype=torch.float64)
+                    if hw is not None and wb is not None:
+                        hb = h.detach().to(bootstrap_dtype)
+                        hw[li, i0:i1] += hb @ wb[j0:j1]
+                        if not diag:
+                            hw[li, j0:j1] += hb.T @ wb[i0:i1]
+        return UStatPass(torch.stack(sums), torch.stack(sq), hw)
 
 
 def bootstrap_null_sd(sq_sums: Tensor, n: int) -> Tensor:

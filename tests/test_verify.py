@@ -154,6 +154,24 @@ def test_ksd2_is_the_u_statistic_explicit_double_sum():
     assert ksd2(field, x, lengthscales=0.5).shape == ()
 
 
+def test_ksd_ignores_autocast():
+    """The Stein kernel's distances and products stay in fp32 under bf16 autocast (the
+    shared U-statistic pass turns autocast off), in the statistic and its bootstrap."""
+    p = _gaussian(2, seed=3)
+    x = p.sample(300, generator=gen(2))
+
+    def field(z):
+        return 0.7 * p.score(z)
+
+    plain = ksd_test(field, x, seed=5, n_bootstrap=200, mode_clusters=())
+    plain_u = ksd2(field, x, lengthscales=[0.5, 1.3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = ksd_test(field, x, seed=5, n_bootstrap=200, mode_clusters=())
+        cast_u = ksd2(field, x, lengthscales=[0.5, 1.3])
+    assert cast.ksd2 == plain.ksd2 and (cast.statistic, cast.p_value) == (plain.statistic, plain.p_value)
+    assert torch.equal(cast_u, plain_u)
+
+
 def test_chunked_and_unchunked_ksd_agree():
     p = _gaussian(4, seed=5)
     x = p.sample(400, generator=gen(3), dtype=F64)

@@ -92,8 +92,6 @@ def _no_autocast(method):
 
     @functools.wraps(method)
     def wrapper(self, first, *args):
-        if not torch.is_autocast_enabled(first.device.type):
-            return method(self, first, *args)
         with no_autocast(first.device):
             return method(self, first, *args)
 

@@ -126,7 +126,7 @@ def stein_blocks(x: Tensor, fx: Tensor, lengthscales: Sequence[float]) -> BlockF
     x, fx (N, d) in any float dtype (work in ``working_dtype``, x centred on its mean);
     the shared pairwise terms of a block are computed once for all L lengthscales and each
     lengthscale's block is produced on demand (in place when no gradient is needed).
-    Call inside ``no_autocast(x.device)``.
+    :func:`fluxbench.ustat.u_statistic_pass` evaluates them with autocast off.
     """
     d = x.shape[1]
     dtype = working_dtype(x.dtype)
@@ -170,16 +170,15 @@ def ksd_pass(
     Returns:
         :class:`fluxbench.ustat.UStatPass`.
     """
-    with no_autocast(x.device):
-        return u_statistic_pass(
-            stein_blocks(x, fx, lengthscales),
-            x.shape[0],
-            len(lengthscales),
-            device=x.device,
-            multipliers=multipliers,
-            chunk_size=chunk_size,
-            bootstrap_dtype=bootstrap_dtype,
-        )
+    return u_statistic_pass(
+        stein_blocks(x, fx, lengthscales),
+        x.shape[0],
+        len(lengthscales),
+        device=x.device,
+        multipliers=multipliers,
+        chunk_size=chunk_size,
+        bootstrap_dtype=bootstrap_dtype,
+    )
 
 
 def ksd_bootstrap(
@@ -198,17 +197,16 @@ def ksd_bootstrap(
     shared by all lengthscales. What :func:`fluxbench.verify.ksd_test` and
     ``tools/ksd_grid.py`` compute.
     """
-    with no_autocast(x.device):
-        return wild_bootstrap_max(
-            stein_blocks(x.detach(), fx.detach(), lengthscales),
-            x.shape[0],
-            len(lengthscales),
-            n_bootstrap,
-            generator,
-            device=x.device,
-            chunk_size=chunk_size,
-            multipliers=multipliers,
-        )
+    return wild_bootstrap_max(
+        stein_blocks(x.detach(), fx.detach(), lengthscales),
+        x.shape[0],
+        len(lengthscales),
+        n_bootstrap,
+        generator,
+        device=x.device,
+        chunk_size=chunk_size,
+        multipliers=multipliers,
+    )
 
 
 def resolve_lengthscales(
