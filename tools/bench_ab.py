@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _import_as(source: Path, name: str, into: Path):
     """Copy the package directory ``source`` to ``into/name`` and import its bench module."""
-    subprocess.run(["cp", "-r", str(source), str(into / name)], check=True)
+    shutil.copytree(source, into / name)
     return importlib.import_module(f"{name}.bench")
 
 
