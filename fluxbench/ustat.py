@@ -45,6 +45,7 @@ __all__ = [
     "bootstrap_null_sd",
     "bootstrap_p_values",
     "max_p_value",
+    "max_p_values",
     "tie_tolerance",
     "default_n_bootstrap",
     "rademacher_multipliers",
@@ -157,14 +158,19 @@ def bootstrap_p_values(stat: Tensor, null: Tensor, tol: Tensor | float = 0.0) ->
     return (1 + (null >= (stat - tol)[..., None]).sum(-1)).double() / (1 + null.shape[-1])
 
 
-def max_p_value(z: Tensor, z_boot: Tensor, tol: Tensor | None = None) -> float:
-    """p-value of ``max_l z_l`` against the draws' ``max_l z*_{l,b}``: z (L,), z_boot (L, B).
+def max_p_values(z: Tensor, z_boot: Tensor, tol: Tensor | None = None) -> Tensor:
+    """p-values of ``max_l z_l`` against the draws' ``max_l z*_{l,b}``: z (..., L), z_boot (..., L, B) -> (...).
 
     The statistics must share their bootstrap draws (the same multipliers), so the
     maximum's null law is theirs jointly. ``tol`` defaults to :func:`tie_tolerance` of z.
     """
     tol = tie_tolerance(z) if tol is None else tol
-    return float(bootstrap_p_values(z.max(), z_boot.max(0).values, tol))
+    return bootstrap_p_values(z.amax(-1), z_boot.amax(-2), tol)
+
+
+def max_p_value(z: Tensor, z_boot: Tensor, tol: Tensor | None = None) -> float:
+    """:func:`max_p_values` of one family, z (L,) and z_boot (L, B), as a float."""
+    return float(max_p_values(z, z_boot, tol))
 
 
 class StandardisedU(NamedTuple):

@@ -48,7 +48,7 @@ from fluxbench._io import write_text
 from fluxbench._random import generator_from_seed
 from fluxbench.kernels import median_bandwidth
 from fluxbench.metrics.mmd import paired_mmd_bootstrap
-from fluxbench.ustat import bootstrap_p_values, default_n_bootstrap, tie_tolerance
+from fluxbench.ustat import default_n_bootstrap, max_p_values
 from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
 from fluxbench.verify.stationarity import _evaluate, rollout_chains
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_bootstrap, resolve_lengthscales
@@ -113,8 +113,7 @@ TESTS = {
 def grid_p_values(z: torch.Tensor, zb: torch.Tensor, grid: tuple[float, ...]) -> torch.Tensor:
     """(S,) p-values of the max-over-``grid`` test from the fine pass's z (S, L) and z* (S, L, B)."""
     idx = [FINE_FACTORS.index(c) for c in grid]
-    zg = z[:, idx]
-    return bootstrap_p_values(zg.max(1).values, zb[:, idx, :].max(1).values, tie_tolerance(zg))
+    return max_p_values(z[:, idx], zb[:, idx, :])
 
 
 def grid_rates(name: str, z: torch.Tensor, zb: torch.Tensor) -> list[dict]:
