@@ -215,15 +215,23 @@ def test_smallest_t_in_float32_matches_the_exact_transition(use_attention):
 
 
 @pytest.mark.parametrize("backend", ["dense", "fused"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (F64, 1e-12)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("d", [2, 8])
-def test_chunked_equals_unchunked(strategy, dtype, tol, d, backend):
+def test_chunked_equals_unchunked(strategy, dtype, d, backend):
+    """Chunking only reorders the B-term sums. A reordered sum of n terms moves by at most
+    gamma_n = n u / (1 - n u) of its absolute sum (Higham, Accuracy and Stability, 4.2), and
+    one loss chains K + 2 such passes (K chain steps, the anchors' score, the transition
+    sums), so the bound is (K + 2) gamma_B of the loss's scale, whatever the CPU's vector
+    width or thread count (measured here: at most 140 u, against 1800 u)."""
+    batch, sub_steps = 300, 4
     torch.manual_seed(0)
     field = MLPField(d).to(dtype)
-    x = torch.randn(300, d, dtype=dtype)
+    x = torch.randn(batch, d, dtype=dtype)
     full = flux_matching_loss(field, x, 0.5, backend=backend, generator=gen(3)).detach()
     chunked = flux_matching_loss(field, x, 0.5, backend=backend, generator=gen(3), chunk_size=17).detach()
-    assert float((full - chunked).abs().max()) <= tol * float(full.abs().max())
+    u = torch.finfo(dtype).eps / 2
+    gamma = batch * u / (1 - batch * u)
+    assert float((full - chunked).abs().max()) <= (sub_steps + 2) * gamma * float(full.abs().max())
 
 
 def test_same_seed_same_bits():
