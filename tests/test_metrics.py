@@ -747,3 +747,25 @@ def test_gaussian_parameter_validation():
         rbf_kernel_mean(torch.tensor([0.0, float("nan")], dtype=F64), S, m, S, 1.0)
     with pytest.raises(ValueError, match="dtype"):
         gaussian_sliced_w2(m, S, m.float(), S.float())
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20, 3.0])
+def test_mmd_statistics_are_scale_free_at_extreme_scales(scale):
+    """With the median lengthscale every RBF-MMD statistic is invariant under x -> a x. In
+    float32, data scaled by 1e20 overflowed the squared distances (NaN) and 1e-20
+    underflowed them (0); the statistics and p-values must be those of the unscaled data,
+    to float32 rounding (the power-of-two unit makes them equal bit for bit here)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 2, generator=g), torch.randn(100, 2, generator=g) + 0.5
+
+    def stats(a, b):
+        perm = mmd_permutation_test(a, b, generator=torch.Generator().manual_seed(1))
+        agg = mmd_aggregated_test(a, b, generator=torch.Generator().manual_seed(1))
+        paired = mmd_paired_test(a, b, generator=torch.Generator().manual_seed(1))
+        return [float(mmd2_unbiased(a, b)), float(perm.statistic), perm.p_value, agg.p_value, paired.p_value], paired
+
+    base, base_paired = stats(x, y)
+    scaled, scaled_paired = stats(x * scale, y * scale)
+    assert all(math.isfinite(v) for v in scaled)
+    assert scaled == pytest.approx(base, rel=1e-5)
+    assert scaled_paired.lengthscales[0] == pytest.approx(base_paired.lengthscales[0] * scale, rel=1e-5)

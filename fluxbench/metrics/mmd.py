@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -51,22 +53,39 @@ class MMDTestResult(NamedTuple):
     p_value: float
 
 
-def _lengthscale(x: Tensor, y: Tensor, lengthscale: object, generator: torch.Generator | None) -> float:
+def _unit_scale(x: Tensor, y: Tensor) -> float:
+    """A power of two near the clouds' extent, the unit every MMD computation works in.
+
+    Squared distances of data scaled by 1e20 overflow float32 and those of data scaled by
+    1e-20 underflow it, so the statistic came out NaN or 0; the RBF statistics with a
+    median lengthscale are scale-free, and dividing by a power of two is exact, so
+    working in this unit changes no bit of the result for data of ordinary scale.
+    """
+    extent = float(torch.maximum(x.detach().abs().amax(), y.detach().abs().amax()))
+    if extent == 0.0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(extent))
+
+
+def _lengthscale(x: Tensor, y: Tensor, lengthscale: object, generator: torch.Generator | None, unit: float) -> float:
+    """The lengthscale in units of ``unit`` (x and y already divided by it)."""
     if lengthscale is None:
         return median_bandwidth(x, y, generator=generator)
-    return check_positive(lengthscale, "lengthscale")
+    return check_positive(lengthscale, "lengthscale") / unit
 
 
 def _lengthscale_grid(
-    x: Tensor, y: Tensor, lengthscales: object, factors: tuple[float, ...], generator: torch.Generator | None
+    x: Tensor, y: Tensor, lengthscales: object, factors: tuple[float, ...], generator: torch.Generator | None,
+    unit: float,
 ) -> list[float]:
-    """The given lengthscales (each > 0), or the median heuristic of the pooled sample times ``factors``."""
+    """The given lengthscales (each > 0), or the median heuristic of the pooled sample times
+    ``factors``, in units of ``unit`` (x and y already divided by it)."""
     if lengthscales is None:
         if not factors:
             raise ValueError("factors is empty; give at least one multiple of the median heuristic")
         med = median_bandwidth(x, y, generator=generator)
         return [med * check_positive(c, "lengthscale factor") for c in factors]
-    ells = [check_positive(v, "lengthscale") for v in lengthscales]  # type: ignore[attr-defined]
+    ells = [check_positive(v, "lengthscale") / unit for v in lengthscales]  # type: ignore[attr-defined]
     if not ells:
         raise ValueError("lengthscales is empty; give at least one lengthscale or None")
     return ells
@@ -121,7 +140,9 @@ def mmd2_unbiased(
     check_pair(x, y, min_points=2)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
-    ell = _lengthscale(x, y, lengthscale, generator)
+    unit = _unit_scale(x, y)
+    x, y = x / unit, y / unit
+    ell = _lengthscale(x, y, lengthscale, generator, unit)
     inv_two_l2 = 0.5 / ell**2
 
     def block(a: Tensor, b: Tensor) -> Tensor:
@@ -190,7 +211,9 @@ def mmd_permutation_test(
     n_permutations = check_positive_int(n_permutations, "n_permutations")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
-    ell = _lengthscale(x, y, lengthscale, generator)
+    unit = _unit_scale(x, y)
+    x, y = x / unit, y / unit
+    ell = _lengthscale(x, y, lengthscale, generator, unit)
     stats, tie_tol, dtype = _permutation_statistics(x, y, [ell], n_permutations, generator, chunk_size)
     observed = stats[0, 0]
     exceed = int((stats[0, 1:] >= observed - tie_tol[0]).sum())
@@ -311,7 +334,9 @@ def mmd_aggregated_test(
     n_permutations = check_positive_int(n_permutations, "n_permutations")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
-    ells = _lengthscale_grid(x, y, lengthscales, factors, generator)
+    unit = _unit_scale(x, y)
+    x, y = x / unit, y / unit
+    ells = _lengthscale_grid(x, y, lengthscales, factors, generator, unit)
     stats, tie_tol, _ = _permutation_statistics(x, y, ells, n_permutations, generator, chunk_size)
     size = n_permutations + 1
     # p_lb = #{b' : T_lb' >= T_lb - tol} / (B + 1), by a sorted search per lengthscale
@@ -324,7 +349,7 @@ def mmd_aggregated_test(
         statistics=stats[:, 0],
         p_value=p_value,
         p_values=tuple(float(v) for v in p_lb[:, 0]),
-        lengthscales=tuple(ells),
+        lengthscales=tuple(ell * unit for ell in ells),
     )
 
 
@@ -439,12 +464,14 @@ def mmd_paired_test(
     n_boot = default_n_bootstrap(n) if n_bootstrap is None else check_positive_int(n_bootstrap, "n_bootstrap")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
-    ells = _lengthscale_grid(x, y, lengthscales, factors, generator)
+    unit = _unit_scale(x, y)
+    x, y = x / unit, y / unit
+    ells = _lengthscale_grid(x, y, lengthscales, factors, generator, unit)
     res = paired_mmd_bootstrap(x, y, ells, n_boot, generator, chunk_size)
     return MMDPairedResult(
         statistics=res.u.to(working_dtype(x.dtype)),
         standardised=tuple(float(v) for v in res.z),
         p_value=res.p_value(),
         p_values=tuple(res.p_value([li]) for li in range(len(ells))),
-        lengthscales=tuple(ells),
+        lengthscales=tuple(ell * unit for ell in ells),
     )
