@@ -8,6 +8,7 @@ Subpackages, one concept each:
 * :mod:`fluxbench.samplers`: Langevin, exact OU, annealed and probability-flow samplers.
 * :mod:`fluxbench.train`: the training loop.
 * :mod:`fluxbench.metrics`: W2, sliced W2, MMD and Gaussian closed forms.
+* :mod:`fluxbench.verify`: the stationarity test, the defect, ``check_field``.
 * :mod:`fluxbench.pairwise`: the fused, chunked pairwise kernels everything above uses.
 
 The mathematics is in SPEC.md; docstrings cite its equations.
@@ -15,6 +16,17 @@ The mathematics is in SPEC.md; docstrings cite its equations.
 
 __version__ = "0.1.0"
 
-from . import divergence, fields, metrics, objectives, pairwise, samplers, targets, train  # noqa: E402
+from . import divergence, fields, metrics, objectives, pairwise, samplers, targets, train, verify  # noqa: E402
 
-__all__ = ["divergence", "fields", "metrics", "objectives", "pairwise", "samplers", "targets", "train", "__version__"]
+__all__ = [
+    "divergence",
+    "fields",
+    "metrics",
+    "objectives",
+    "pairwise",
+    "samplers",
+    "targets",
+    "train",
+    "verify",
+    "__version__",
+]

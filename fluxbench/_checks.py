@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "all_finite",
+    "check_seed",
     "check_points",
     "check_sigma",
     "check_field_output",
@@ -172,6 +173,18 @@ def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
     return value
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """Return ``seed`` as an int after checking it is an integer in [0, 2^64 - 1].
+
+    One rule for every seed in fluxbench (``torch.Generator.manual_seed`` would wrap a
+    negative seed silently, so two different seeds could give the same stream).
+    """
+    seed = check_positive_int(seed, name, minimum=0)
+    if seed >= 2**64:
+        raise ValueError(f"{name} must be < 2**64; got {seed}")
+    return seed
 
 
 def check_same_space(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

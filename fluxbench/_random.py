@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_seed
+
 __all__ = ["normal", "rademacher", "uniform", "generator_from_seed"]
 
 
@@ -33,5 +35,5 @@ def generator_from_seed(seed: int | None, device: torch.device | str = "cpu") ->
     if seed is None:
         return None
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
+    gen.manual_seed(check_seed(seed))
     return gen

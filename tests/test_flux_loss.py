@@ -407,3 +407,15 @@ def test_closed_form_field_pullback_gives_the_autograd_loss(backend, dtype, tol)
     assert float((l_fast - l_ref).abs().max()) <= tol * float(l_ref.abs().max())
     for a, b in zip(g_fast, g_ref):
         assert float((a - b).abs().max()) <= tol * float(b.abs().max())
+
+
+@pytest.mark.parametrize("sigma", [1e-7, 1e-8])
+def test_overflowing_loss_is_an_error_not_nan(sigma):
+    """At sigma <= 1e-7 in float32 the loss overflowed to NaN silently (the loss grows like a
+    high power of 1/sigma); it must raise and name sigma and the dtype. float64 stays finite."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, generator=gen(0))
+    with pytest.raises(ValueError, match=r"not finite at sigma=1e-0[78] in torch.float32"):
+        flux_matching_loss(MLPField(2), x, sigma, generator=gen(1))
+    loss = flux_matching_loss(MLPField(2).double(), x.double(), sigma, generator=gen(1))
+    assert torch.isfinite(loss).all()

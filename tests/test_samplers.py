@@ -473,3 +473,32 @@ def test_probability_flow_nll_hutchinson_unbiased():
     assert abs(float(diff.mean())) <= 4 * se, (float(diff.mean()), se)
     with pytest.raises(ValueError, match="increasing"):
         probability_flow_nll(model, x, levels[::-1])
+
+
+def _shape_changes_after(calls: int):
+    """A field that is fine for its first ``calls`` calls (its first step), then drops a column."""
+    count = [0]
+
+    def field(x, sigma=None):
+        count[0] += 1
+        return -x if count[0] <= calls else -x[:, :1]
+
+    return field
+
+
+@pytest.mark.parametrize(
+    "run,first_step_calls",
+    [
+        (lambda f: langevin(f, torch.randn(5, 2), step_size=0.1, n_steps=3), 1),
+        (lambda f: langevin(f, torch.randn(5, 2), step_size=0.1, n_steps=3, chunk_size=2), 3),
+        (lambda f: annealed_langevin(f, torch.randn(5, 2), [1.0, 0.5, 0.2]), 1),
+        (lambda f: annealed_langevin(f, torch.randn(5, 2), [1.0, 0.5, 0.2], corrector_steps=1), 2),
+        (lambda f: probability_flow(f, torch.randn(5, 2), [1.0, 0.5, 0.2]), 2),
+    ],
+    ids=["langevin", "langevin-chunked", "annealed", "annealed-corrector", "probability-flow"],
+)
+def test_a_field_that_changes_shape_on_a_later_step_is_refused(run, first_step_calls):
+    """Only the first step's output was validated; a (N, 1) output on a later step was
+    broadcast into the (N, d) state silently."""
+    with pytest.raises(ValueError, match=r"on a later step\) output has shape \(\d, 1\)"):
+        run(_shape_changes_after(first_step_calls))

@@ -715,3 +715,12 @@ def test_stein_blindness_tool_bumps_match_autograd():
     for k in range(4):
         bump = lambda z, k=k: torch.exp(-(z - centres[k]).square().sum(1) / (2 * 1.3**2))
         assert torch.allclose(tool.bump_features(x, f, centres, 1.3)[:, k], _generator_by_autograd(bump, x, f), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ksd", "rollout", "combined"])
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
+def test_stationarity_test_rejects_bad_seeds_like_train_does(method, seed):
+    """seed=-1 was accepted here and rejected by train(): one rule for every seed."""
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="seed must be"):
+        stationarity_test(lambda z: -z, x, method=method, seed=seed)

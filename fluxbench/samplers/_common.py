@@ -17,6 +17,7 @@ __all__ = [
     "n_saved_states",
     "check_chunk_size",
     "check_sigma_grid",
+    "check_step_output",
     "evaluate_chunked",
     "raise_if_nonfinite",
 ]
@@ -104,20 +105,34 @@ def check_sigma_grid(
     return values
 
 
+def check_step_output(out: object, x: Tensor, name: str, *, full: bool) -> None:
+    """Validate a field's output inside a sampler loop.
+
+    ``full``: everything ``check_field_output`` checks, finiteness included (one device
+    synchronisation, so only on the first step). Otherwise shape, dtype and device only,
+    which costs no synchronisation: a field whose output changes shape on a later step
+    would else be broadcast into the state.
+    """
+    if full:
+        check_field_output(out, x, name)
+    elif not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        check_field_output(out, x, f"{name} (on a later step)")
+
+
 def evaluate_chunked(
     field: Callable[[Tensor], Tensor], x: Tensor, out: Tensor, chunk: int, *, check: bool, name: str
 ) -> Tensor:
     """Write ``field(x)`` into ``out`` (both (N, d)), evaluating ``chunk`` rows at a time.
 
     With ``check`` each chunk's output is validated by ``check_field_output`` (shape,
-    device, dtype, finite; this synchronises with the device, so do it once).
+    device, dtype, finite; this synchronises with the device, so do it once); shape,
+    dtype and device are compared on every call (:func:`check_step_output`).
     """
     n = x.shape[0]
     for start in range(0, n, chunk):
         xs = x[start : start + chunk]
         fs = field(xs)
-        if check:
-            check_field_output(fs, xs, name)
+        check_step_output(fs, xs, name, full=check)
         out[start : start + chunk] = fs
     return out
 

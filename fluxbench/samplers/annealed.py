@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_field_output, check_generator, check_points, check_positive, check_positive_int
+from .._checks import check_generator, check_points, check_positive, check_positive_int
 from .._random import normal
-from ._common import check_callable, check_sigma_grid, raise_if_nonfinite
+from ._common import check_callable, check_sigma_grid, check_step_output, raise_if_nonfinite
 
 __all__ = ["annealed_langevin"]
 
@@ -84,14 +84,12 @@ def annealed_langevin(
             delta = levels[i] ** 2 - levels[i + 1] ** 2
             xi = normal(x.shape, x, generator)
             f = model(x, sig_t[i])
-            if i == 0:
-                check_field_output(f, x, "model")
+            check_step_output(f, x, "model", full=i == 0)
             x = x + delta * f + math.sqrt(delta) * xi
             for c in range(corrector_steps):
                 z = normal(x.shape, x, generator)
                 g = model(x, sig_t[i + 1])
-                if i == 0 and c == 0:
-                    check_field_output(g, x, "model")
+                check_step_output(g, x, "model", full=i == 0 and c == 0)
                 z_norm = torch.linalg.vector_norm(z, dim=1).mean()
                 g_norm = torch.linalg.vector_norm(g, dim=1).mean().clamp_min(tiny)
                 eps = 2 * (snr * z_norm / g_norm) ** 2

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_field_output, check_generator, check_points, check_positive_int
+from .._checks import check_generator, check_points, check_positive_int
 from .._random import rademacher
-from ._common import check_callable, check_sigma_grid, raise_if_nonfinite
+from ._common import check_callable, check_sigma_grid, check_step_output, raise_if_nonfinite
 
 __all__ = ["probability_flow", "probability_flow_nll"]
 
@@ -77,14 +77,15 @@ def probability_flow(
         for i in tqdm(range(len(levels) - 1), disable=not progress, desc="probability flow", leave=False):
             h = levels[i + 1] - levels[i]
             f = model(x, sig_t[i])
-            if i == 0:
-                check_field_output(f, x, "model")
+            check_step_output(f, x, "model", full=i == 0)
             d_cur = -levels[i] * f
             x_euler = x + h * d_cur
             if method == "euler" or levels[i + 1] == 0:
                 x = x_euler
                 continue
-            d_next = -levels[i + 1] * model(x_euler, sig_t[i + 1])
+            f_next = model(x_euler, sig_t[i + 1])
+            check_step_output(f_next, x_euler, "model", full=False)
+            d_next = -levels[i + 1] * f_next
             x = x + (0.5 * h) * (d_cur + d_next)
         raise_if_nonfinite(x, "probability_flow: the state became non-finite; use a finer sigmas grid")
     return x
@@ -110,8 +111,7 @@ def _drift_and_divergence(
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         f = model(xr, sigma)
-        if check:
-            check_field_output(f, xr, "model")
+        check_step_output(f, xr, "model", full=check)
         if not f.requires_grad:
             raise ValueError("model output does not depend on x through autograd; cannot compute its divergence")
         if probes is None:  # exact trace: d backward passes

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fluxbench import _random
-from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int
+from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int, check_seed
 from fluxbench._random import generator_from_seed
 from fluxbench.kernels import median_bandwidth
 from fluxbench.ustat import default_n_bootstrap, max_p_value, rademacher_multipliers
@@ -70,12 +70,6 @@ def _check_alpha(alpha: object) -> float:
     if not (0.0 < value < 1.0) or not math.isfinite(value):
         raise ValueError(f"alpha must be in (0, 1); got {value}")
     return value
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int; got {seed!r}")
-    return int(seed)
 
 
 def _check_samples(samples: object, min_points: int = 4) -> Tensor:
@@ -209,7 +203,7 @@ def ksd_test(
     start = time.perf_counter()
     x = _check_samples(samples)
     alpha = _check_alpha(alpha)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     n, d = x.shape
     gen = generator_from_seed(seed, x.device)
@@ -536,7 +530,7 @@ def rollout_test(
     start = time.perf_counter()
     x = _check_samples(samples)
     alpha = _check_alpha(alpha)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if design not in ("paired", "split"):
         raise ValueError(f"unknown rollout design {design!r}; choose 'paired' or 'split'")
     paired = design == "paired"
@@ -722,7 +716,7 @@ def stationarity_test(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     x = _check_samples(samples)
     alpha = _check_alpha(alpha)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if not callable(field):
         raise ValueError(f"field must be callable (N, d) -> (N, d); got {type(field).__name__}")
     if method == "ksd":
