@@ -44,8 +44,14 @@ class FieldCheck:
         self.options = options
 
     def __call__(self, field: Callable, target: object) -> dict[str, Any]:
-        """Run the check; return its row, or raise ``AssertionError`` if it fails."""
-        return run_check(self.name, field, target, **self.options)
+        """Run the check; return its row, raise ``AssertionError`` if it fails, and skip
+        the pytest test (``pytest.skip``) if it does not apply to this target."""
+        row = run_check(self.name, field, target, **self.options)
+        if row["status"] == "skipped":
+            import pytest
+
+            pytest.skip(f"check {self.name!r}: {row['detail']}")
+        return row
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())

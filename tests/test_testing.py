@@ -113,3 +113,11 @@ def test_parametrize_with_checks_in_a_real_pytest_run(tmp_path):
     assert "FAILED test_user_fields.py::test_my_fields[bad-ksd_stationarity]" in out
     assert "PASSED test_user_fields.py::test_my_fields[good-ksd_stationarity]" in out
     assert "AssertionError: check 'defect' failed" in out
+
+
+def test_a_check_that_does_not_apply_is_skipped_not_passed():
+    """The defect check needs a score: against a tensor of samples the pytest test is
+    skipped (it was reported as passed)."""
+    x = P.sample(200, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(pytest.skip.Exception, match="defect"):
+        FieldCheck("defect", n=200)(P.score, x)

@@ -25,6 +25,7 @@ from fluxbench.verify import (
     defect,
     ksd2,
     ksd_test,
+    run_check,
     stationarity_test,
     stein_kernel,
 )
@@ -486,11 +487,12 @@ def test_check_field_table_good_and_bad():
     good = RotationalField(p.score, ConstantAntisymmetric(_antisym(3, 23) / 4))
     table = check_field(good, p, n=600, seed=0)
     assert isinstance(table, pd.DataFrame)
-    assert list(table.columns) == ["check", "passed", "value", "threshold", "detail"]
+    assert list(table.columns) == ["check", "status", "passed", "value", "threshold", "detail"]
     assert list(table["check"]) == [
         "output_contract", "determinism", "batch_independence", "defect", "ksd_stationarity", "rollout_stationarity",
     ]
-    assert table["passed"].dtype == bool and bool(table["passed"].all()), table.to_string()
+    assert table["passed"].dtype == "boolean" and bool(table["passed"].all()), table.to_string()
+    assert set(table["status"]) == {"passed"}
 
     def bad(z):
         return 0.5 * p.score(z)
@@ -526,6 +528,10 @@ def test_check_field_catches_contract_batch_and_determinism_failures():
     x = p.sample(300, generator=gen(24))
     t = check_field(p.score, x, checks=["defect", "ksd_stationarity"], n=300).set_index("check")
     assert t.loc["defect", "detail"].startswith("skipped") and t.loc["ksd_stationarity", "passed"]
+    # skipped is neither passed nor failed (it was reported as passed)
+    assert t.loc["defect", "status"] == "skipped" and pd.isna(t.loc["defect", "passed"])
+    check_field(p.score, x, checks=["defect", "ksd_stationarity"], n=300, raise_on_failure=True)
+    assert run_check("defect", p.score, x, n=300)["status"] == "skipped"
     with pytest.raises(ValueError, match="unknown check"):
         check_field(p.score, p, checks=["nope"])
     with pytest.raises(ValueError, match="unknown option"):

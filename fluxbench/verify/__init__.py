@@ -14,7 +14,7 @@
 * ``python -m fluxbench.verify.calibrate`` -- measures size and power of the tests.
 """
 
-from fluxbench.verify.checks import CHECKS, check_field
+from fluxbench.verify.checks import CHECKS, check_field, run_check
 from fluxbench.verify.defect import current_divergence, defect
 from fluxbench.verify.report import StationarityReport
 from fluxbench.verify.stationarity import (
@@ -45,5 +45,6 @@ __all__ = [
     "defect",
     "current_divergence",
     "check_field",
+    "run_check",
     "CHECKS",
 ]

@@ -21,10 +21,13 @@ from fluxbench._random import generator_from_seed
 from fluxbench.verify.defect import defect
 from fluxbench.verify.stationarity import stationarity_test
 
-__all__ = ["check_field", "run_check", "CHECKS", "COLUMNS", "DEFAULT_OPTIONS"]
+__all__ = ["check_field", "run_check", "CHECKS", "COLUMNS", "STATUSES", "DEFAULT_OPTIONS"]
 
 #: Columns of the table returned by :func:`check_field`.
-COLUMNS = ("check", "passed", "value", "threshold", "detail")
+COLUMNS = ("check", "status", "passed", "value", "threshold", "detail")
+
+#: The values of the ``status`` column.
+STATUSES = ("passed", "failed", "skipped")
 
 #: Defaults of the options of :func:`check_field` (and of :func:`run_check`).
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -81,8 +84,17 @@ class _Context:
         return s if callable(s) and not isinstance(self.target, Tensor) else None
 
 
-def _row(check: str, passed: bool, value: float, threshold: float, detail: str) -> dict[str, Any]:
-    return {"check": check, "passed": bool(passed), "value": float(value), "threshold": float(threshold), "detail": detail}
+def _row(check: str, passed: bool | None, value: float, threshold: float, detail: str) -> dict[str, Any]:
+    """One row; ``passed=None`` marks a check that did not apply (status "skipped", passed NA)."""
+    status = "skipped" if passed is None else ("passed" if passed else "failed")
+    return {
+        "check": check,
+        "status": status,
+        "passed": pd.NA if passed is None else bool(passed),
+        "value": float(value),
+        "threshold": float(threshold),
+        "detail": detail,
+    }
 
 
 def _check_output_contract(ctx: _Context) -> dict[str, Any]:
@@ -135,7 +147,7 @@ def _check_defect(ctx: _Context) -> dict[str, Any]:
     score = ctx.score
     tol = ctx.opt["defect_tol"]
     if score is None:
-        return _row("defect", True, math.nan, tol, "skipped: the target has no score (pass a Target, not samples)")
+        return _row("defect", None, math.nan, tol, "skipped: the target has no score (pass a Target, not samples)")
     x = ctx.x[: ctx.opt["defect_points"]]
     d = x.shape[1]
     with torch.no_grad():
@@ -252,7 +264,8 @@ def check_field(
       The exact divergence for d <= ``exact_divergence_max_dim`` (10), else a Hutchinson
       estimate with two independent averages of ``hutchinson_probes`` probes whose
       product is an unbiased estimate of r^2 (so probe noise does not inflate the RMS).
-      Skipped (row passed, detail "skipped") when the target is a tensor of samples.
+      Skipped (status "skipped", ``passed`` NA: it neither passes nor fails) when the
+      target is a tensor of samples.
     * ``ksd_stationarity``: :func:`fluxbench.verify.stationarity_test` with method
       ``"ksd"`` (value: p-value; passes if p >= alpha).
     * ``rollout_stationarity``: the same with ``"rollout"``.
@@ -275,11 +288,14 @@ def check_field(
             ``ksd_options`` / ``rollout_options`` (dicts passed to the tests).
 
     Returns:
-        ``pandas.DataFrame`` with columns ``check, passed, value, threshold, detail``.
+        ``pandas.DataFrame`` with columns ``check, status, passed, value, threshold,
+        detail``; ``status`` is "passed", "failed" or "skipped", ``passed`` a nullable
+        boolean (NA for a skipped check).
 
     Raises:
         ValueError: an unknown check name or option, or a bad option value.
-        AssertionError: with ``raise_on_failure=True``, if a check failed.
+        AssertionError: with ``raise_on_failure=True``, if a check failed (skipped
+            checks do not count).
     """
     opt = _options(options)
     names = list(CHECKS) if checks is None else list(checks)
@@ -288,9 +304,9 @@ def check_field(
         raise ValueError(f"unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECKS)}")
     ctx = _Context(field, target, opt)
     rows = [_run(ctx, name) for name in names]
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    if raise_on_failure and not bool(table["passed"].all()):
-        failed = table[~table["passed"]]
+    table = pd.DataFrame(rows, columns=list(COLUMNS)).astype({"passed": "boolean"})
+    failed = table[table["status"] == "failed"]
+    if raise_on_failure and len(failed):
         lines = [f"  {r.check}: value {r.value:.4g} vs threshold {r.threshold:.4g}: {r.detail}" for r in failed.itertuples()]
         raise AssertionError("field failed check(s):\n" + "\n".join(lines))
     return table
@@ -300,13 +316,14 @@ def run_check(name: str, field: Callable[[Tensor], Tensor], target: object, **op
     """Run the single check ``name``; raise ``AssertionError`` with its row if it fails.
 
     Returns:
-        The row (a dict with the :data:`COLUMNS` keys) when the check passes.
+        The row (a dict with the :data:`COLUMNS` keys) when the check passes or was
+        skipped (``row["status"] == "skipped"``: the check does not apply to this target).
     """
     if name not in CHECKS:
         raise ValueError(f"unknown check {name!r}; known: {', '.join(CHECKS)}")
     opt = _options(options)
     row = _run(_Context(field, target, opt), name)
-    if not row["passed"]:
+    if row["status"] == "failed":
         raise AssertionError(
             f"check {name!r} failed: value {row['value']:.4g} vs threshold {row['threshold']:.4g}: {row['detail']}"
         )
