@@ -191,8 +191,8 @@ def test_chunked_and_unchunked_ksd_agree():
     torch.testing.assert_close(r2.sq_sums, r1.sq_sums, rtol=1e-6, atol=0.0)
     torch.testing.assert_close(r2.hw, r1.hw, rtol=1e-4, atol=1e-4 * float(r1.hw.abs().max()))
     # and the test's p-value and statistic
-    a = stationarity_test(field, x, seed=1, chunk_size=4096, n_bootstrap=50)
-    b = stationarity_test(field, x, seed=1, chunk_size=97, n_bootstrap=50)
+    a = stationarity_test(field, x, seed=1, chunk_size=4096, n_bootstrap=50, method="ksd")
+    b = stationarity_test(field, x, seed=1, chunk_size=97, n_bootstrap=50, method="ksd")
     assert b.statistic == pytest.approx(a.statistic, rel=1e-6)
 
 
@@ -219,7 +219,7 @@ def test_ksd_p_values_are_uniform_under_h0():
     pv = []
     for s in range(50):
         x = p.sample(300, generator=gen(1000 + s))
-        pv.append(stationarity_test(p.score, x, seed=s, n_bootstrap=200).p_value)
+        pv.append(stationarity_test(p.score, x, seed=s, n_bootstrap=200, method="ksd").p_value)
     pv_t = torch.tensor(pv)
     n = len(pv)
     for level in (0.1, 0.5):
@@ -248,7 +248,7 @@ def test_ksd_and_rollout_reject_half_the_score():
 def test_report_fields_str_and_reproducibility():
     p = Gaussian.isotropic(3)
     x = p.sample(400, generator=gen(8))
-    rep = stationarity_test(p.score, x, seed=5)
+    rep = stationarity_test(p.score, x, seed=5, method="ksd")
     assert isinstance(rep, StationarityReport)
     assert rep.method == "ksd" and rep.n == 400 and rep.d == 3 and rep.alpha == 0.01
     assert 0 < rep.p_value <= 1 and rep.passed == (rep.p_value >= rep.alpha)
@@ -259,9 +259,9 @@ def test_report_fields_str_and_reproducibility():
     assert len(rep.details["standardised_modes"]) == len(rep.details["mode_settings"]) == 12  # 4 K x 3 widths
     text = str(rep)
     assert "p-value" in text and "ksd" in text and "lengthscales" in text and "PASS" in text
-    again = stationarity_test(p.score, x, seed=5)
+    again = stationarity_test(p.score, x, seed=5, method="ksd")
     assert again.p_value == rep.p_value and again.statistic == rep.statistic
-    other = stationarity_test(p.score, x, seed=6)
+    other = stationarity_test(p.score, x, seed=6, method="ksd")
     # the kernels' statistics do not depend on the seed here (N < 2000: no median subsample)
     assert other.details["standardised"] == rep.details["standardised"]
     d = rep.to_dict()
@@ -602,7 +602,7 @@ def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
     for factors in (tool.GRIDS["0.25-4 (5)"], tool.GRIDS["0.35, 1"], DEFAULT_LENGTHSCALE_FACTORS):
         p = tool.grid_p_values(z, zb, tuple(factors))
         for k, s in enumerate(seeds):
-            rep = stationarity_test(field, seed_samples(target, s, n), seed=s, lengthscale_factors=factors)
+            rep = stationarity_test(field, seed_samples(target, s, n), seed=s, lengthscale_factors=factors, method="ksd")
             assert float(p[k]) == pytest.approx(rep.details["p_value_kernels"], rel=1e-12)
         assert rows[next(g for g, f in tool.GRIDS.items() if f == tuple(factors))]["rejections"] == int((p < 0.01).sum())
     assert tool.main(["--cases", name, "--seeds", "1000", "1002", "--n", "200", "--out", str(tmp_path)]) == 0
@@ -698,8 +698,8 @@ def test_mode_options_are_checked_and_small_samples_skip_modes():
     x = p.sample(30, generator=gen(5))
     for bad in ({"mode_clusters": [1]}, {"mode_clusters": [2.5]}, {"mode_widths": [0.0]}, {"mode_widths": []}):
         with pytest.raises(ValueError, match="mode"):
-            stationarity_test(p.score, x, **bad)
-    rep = stationarity_test(p.score, x)  # N = 30: only K = 2 and 3 have N >= 10 K
+            stationarity_test(p.score, x, **bad, method="ksd")
+    rep = stationarity_test(p.score, x, method="ksd")  # N = 30: only K = 2 and 3 have N >= 10 K
     assert {k for k, _ in rep.details["mode_settings"]} == {2, 3}
     # two distinct points: no clustering has spread, or k-means++ cannot place K > 2
     # centres; the modes are skipped, quietly and without NaN, and the kernels still test
@@ -707,7 +707,7 @@ def test_mode_options_are_checked_and_small_samples_skip_modes():
     two[50:] = 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rep = stationarity_test(lambda z: -z, two)
+        rep = stationarity_test(lambda z: -z, two, method="ksd")
     assert rep.details["mode_settings"] == () and "p_value_modes" not in rep.details
     assert math.isfinite(rep.p_value) and rep.p_value == rep.details["p_value_kernels"]
 
@@ -730,3 +730,10 @@ def test_stationarity_test_rejects_bad_seeds_like_train_does(method, seed):
     x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="seed must be"):
         stationarity_test(lambda z: -z, x, method=method, seed=seed)
+
+
+def test_default_method_is_the_combined_test_the_readme_gates_on():
+    p = Gaussian.isotropic(2)
+    x = p.sample(200, generator=gen(3))
+    rep = stationarity_test(p.score, x, seed=0, n_steps=50, step_size=0.01)
+    assert rep.method == "combined" and set(rep.sub_reports) == {"ksd", "rollout"}

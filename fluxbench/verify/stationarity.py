@@ -666,7 +666,7 @@ def stationarity_test(
     samples: Tensor,
     *,
     alpha: float = 0.01,
-    method: str = "ksd",
+    method: str = "combined",
     seed: int = 0,
     **options: object,
 ) -> StationarityReport:
@@ -684,7 +684,8 @@ def stationarity_test(
       floor (:func:`rollout_test`; ``design="split"`` for the held-out permutation test).
       Sees what a user's sampler does, including slow mass transfer between modes; biased
       by the discretisation (eps is reported).
-    * ``"combined"``: both, each at level alpha/2 with the same seed (Bonferroni); rejects if
+    * ``"combined"`` (the default, the one to gate on: the two tests see different
+      failures): both, each at level alpha/2 with the same seed (Bonferroni); rejects if
       either rejects; ``p_value = min(1, 2 min(p_ksd, p_rollout))``, ``statistic`` the
       smaller sub-test p-value, the sub-reports in ``sub_reports``.
 
@@ -692,7 +693,7 @@ def stationarity_test(
         field: callable on (N, d) tensors returning (N, d) with the same dtype and device.
         samples: (N, d) samples, N >= 4, finite.
         alpha: level in (0, 1); ``passed`` is ``p_value >= alpha``.
-        method: ``"ksd"``, ``"rollout"`` or ``"combined"``.
+        method: ``"combined"`` (default), ``"ksd"`` or ``"rollout"``.
         seed: all randomness of the test comes from this seed (same seed, same p-value).
         **options: method options (:data:`KSD_OPTIONS`, :data:`ROLLOUT_OPTIONS`; combined
             takes both, ``chunk_size`` going to both).
