@@ -737,3 +737,26 @@ def test_default_method_is_the_combined_test_the_readme_gates_on():
     x = p.sample(200, generator=gen(3))
     rep = stationarity_test(p.score, x, seed=0, n_steps=50, step_size=0.01)
     assert rep.method == "combined" and set(rep.sub_reports) == {"ksd", "rollout"}
+
+
+@pytest.mark.parametrize("damage", ["cut-mid-row", "short-row", "foreign"])
+def test_calibration_refuses_a_truncated_or_foreign_table(tmp_path, damage):
+    """A calibration.csv cut mid-row was read with NaN padding and resumed from as if complete."""
+    from fluxbench.verify import calibrate
+
+    out = tmp_path / "cal"
+    out.mkdir()
+    good = (
+        "case,seed,p_ksd,p_rollout\n"
+        "iso2-score,0,0.5,0.4\n"
+        "iso2-score,1,0.3,0.2\n"
+    )
+    text = {
+        "cut-mid-row": good[:-6],
+        "short-row": good + "iso2-score,2\n",
+        "foreign": "a,b,c\n1,2,3\n",
+    }[damage]
+    (out / "pvalues.csv").write_text(text)
+    args = ["--cases", "iso2-score", "--seeds", "2", "--n", "100", "--out", str(out)]
+    with pytest.raises(ValueError, match="truncated|corrupted|not a calibration table"):
+        calibrate.main(args)

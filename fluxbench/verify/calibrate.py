@@ -49,6 +49,7 @@ the cases already in the CSV (from ``pvalues.csv``, without rerunning the seeds)
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import fnmatch
 import io
@@ -553,9 +554,27 @@ def _case_job(args: tuple) -> tuple[str, pd.DataFrame, pd.DataFrame, float]:
 
 # --------------------------------------------------------------------------- output
 def _read(path: Path) -> pd.DataFrame | None:
-    if path.exists() and path.stat().st_size > 0:
-        return pd.read_csv(path, keep_default_na=False, na_values=["nan", "NaN", ""])
-    return None
+    """The table at ``path`` (None if absent or empty), refusing a truncated or foreign file.
+
+    pandas alone accepts a file cut mid-row (it pads the short row with NaN), so the
+    resumable run would keep a half-written case as if it were complete.
+    """
+    if not (path.exists() and path.stat().st_size > 0):
+        return None
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text)))
+    header = rows[0]
+    if "case" not in header or ("seed" not in header and "method" not in header):
+        raise ValueError(f"{path} is not a calibration table (header {header[:4]}...); move it away or pass another --out")
+    if not text.endswith("\n"):
+        raise ValueError(f"{path} is truncated: its last line ends without a newline; delete that line or the file")
+    short = next((i for i, r in enumerate(rows[1:], start=2) if len(r) != len(header)), None)
+    if short is not None:
+        raise ValueError(
+            f"{path}:{short}: {len(rows[short - 1])} fields where the header has {len(header)} "
+            "(truncated or corrupted row); delete that row or the file"
+        )
+    return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=["nan", "NaN", ""])
 
 
 def _append(path: Path, new: pd.DataFrame, case: str) -> pd.DataFrame:
