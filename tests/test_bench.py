@@ -57,3 +57,18 @@ def test_ab_tool_times_both_revisions_in_one_process(capsys):
     med = load_tool("bench_ab").main(["--base", "HEAD", "--batch", "16", "--rounds", "3", "--warmup", "1"])
     assert set(med) == {"flux_base", "flux_work", "dsm"} and all(t > 0 for t in med.values())
     assert "flux/dsm base" in capsys.readouterr().out
+
+
+def test_bench_names_itself_and_refuses_a_bad_device_with_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: fluxbench bench")
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "no-such-device"])
+    assert exc.value.code == 2 and "--device 'no-such-device' is not usable" in capsys.readouterr().err
+
+
+def test_step_functions_run_on_the_device_they_are_given():
+    steps = step_functions(16, 2, device="cpu")
+    steps["flux"]()
+    assert time_steps(steps, repeats=1, warmup=0, device=torch.device("cpu")).keys() == steps.keys()
