@@ -5,8 +5,10 @@
     .venv/bin/nox -s verify         # Hypothesis property suite (properties/), ci profile
     .venv/bin/nox -s verify -- --thorough
     .venv/bin/nox -s mutants        # mutation check of tests/ and properties/ (tools/mutants.py)
+    .venv/bin/nox -s suites         # quick tier of suites/*.toml, then the gate of their claims
+    .venv/bin/nox -s suites -- --tier full --device cuda
     .venv/bin/nox -s demo           # fluxbench demo
-    .venv/bin/nox -s bench          # python -m fluxbench.bench
+    .venv/bin/nox -s bench          # fluxbench bench
 
 Sessions use ``venv_backend="none"``: nox runs them with the interpreter it was started
 from, so torch is installed once (a nox-managed venv per session would install several GB
@@ -44,9 +46,20 @@ def _workers() -> str:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit tests (tests/), in parallel with one torch thread per worker."""
+    """Unit tests (tests/), in parallel with one torch thread per worker, then the docstring
+    examples of the main public functions (the modules are listed, not collected from the
+    whole package, so that no optional heavy module is imported by accident)."""
     _require_env(session)
     session.run(PY, "-m", "pytest", "tests", "-n", _workers(), "-q", *session.posargs, env=ONE_THREAD)
+    doctest_modules = (
+        "fluxbench/objectives/flux.py",
+        "fluxbench/samplers/langevin.py",
+        "fluxbench/metrics/wasserstein.py",
+        "fluxbench/metrics/mmd.py",
+        "fluxbench/verify/stationarity.py",
+        "fluxbench/verify/checks.py",
+    )
+    session.run(PY, "-m", "pytest", "--doctest-modules", *doctest_modules, "-q", "-p", "no:cacheprovider", env=ONE_THREAD)
 
 
 @nox.session
@@ -77,8 +90,21 @@ def mutants(session: nox.Session) -> None:
 
 
 @nox.session
+def suites(session: nox.Session) -> None:
+    """Run the stationarity suites (suites/*.toml) and gate their claims: ``fluxbench gate``.
+
+    Default: the quick tier of every suite, outputs under runs/suites (ignored by git);
+    arguments replace the default, e.g. ``nox -s suites -- --tier full --device cuda`` or
+    ``nox -s suites -- --tier quick --out results/suites`` (the committed records).
+    """
+    _require_env(session)
+    args = session.posargs or ["--tier", "quick"]
+    session.run(PY, "-m", "fluxbench.cli", "gate", *args, env=ONE_THREAD)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
-    """Train Flux Matching and DSM on a 2-D mixture, sample, score and plot (results/demo)."""
+    """Train Flux Matching and DSM on a 2-D mixture, sample, score and plot (runs/demo)."""
     _require_env(session)
     session.run(PY, "-m", "fluxbench.cli", "demo", *session.posargs)
 
@@ -87,4 +113,4 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Time one training step of Flux Matching against DSM."""
     _require_env(session)
-    session.run(PY, "-m", "fluxbench.bench", *session.posargs)
+    session.run(PY, "-m", "fluxbench.cli", "bench", *session.posargs)

@@ -1,4 +1,4 @@
-"""The ``fluxbench`` command line: ``fluxbench demo``, ``fluxbench bench``."""
+"""The ``fluxbench`` command line: ``demo``, ``bench``, ``suite``, ``report``, ``gate``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import sys
 
 from . import __version__
 
+# name -> (module, help, entry point in the module)
 COMMANDS = {
-    "demo": ("fluxbench.demo", "train Flux Matching and DSM on a 2-D mixture, sample, score, plot"),
-    "bench": ("fluxbench.bench", "time one training step of Flux Matching against DSM"),
+    "demo": ("fluxbench.demo", "train Flux Matching and DSM on a 2-D mixture, sample, score, plot", "main"),
+    "bench": ("fluxbench.bench", "time one training step of Flux Matching against DSM", "main"),
+    "suite": ("fluxbench.suites.cli", "list, run (--shard i/n) and merge the stationarity suites", "main_suite"),
+    "report": ("fluxbench.suites.cli", "render the suites' records as Markdown and HTML with plots", "main_report"),
+    "gate": ("fluxbench.suites.cli", "run the suites' claims; exit 1 naming every failed claim", "main_gate"),
 }
 
 
@@ -22,14 +26,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--version", action="version", version=f"fluxbench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, help_text, _) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return
     import importlib
 
-    importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    module, _, entry = COMMANDS[argv[0]]
+    code = getattr(importlib.import_module(module), entry)(argv[1:])
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -128,9 +128,9 @@ def parametrize_with_checks(
     """
     import pytest
 
-    from fluxbench.verify.checks import _options
+    from fluxbench.verify.checks import resolve_options
 
-    _options(options)  # fail at collection time on a bad option
+    resolve_options(options)  # fail at collection time on a bad option
     items = _normalise_cases(cases)
     names = list(CHECKS) if checks is None else list(checks)
     unknown = [c for c in names if c not in CHECKS]

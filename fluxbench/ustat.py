@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from fluxbench import _random
-from fluxbench.kernels import _blocks, no_autocast
+from fluxbench._pairwise import chunk_bounds, no_autocast
 
 __all__ = [
     "UStatPass",
@@ -112,7 +112,7 @@ def u_statistic_pass(
         if multipliers is not None:
             wb = multipliers.to(bootstrap_dtype)
             hw = torch.zeros((n_kernels, n, wb.shape[1]), dtype=bootstrap_dtype, device=device)
-        blocks = _blocks(n, chunk_size)
+        blocks = chunk_bounds(n, chunk_size)
         for bi, (i0, i1) in enumerate(blocks):
             for j0, j1 in blocks[bi:]:
                 diag = i0 == j0

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fluxbench import pairwise
+from fluxbench._pairwise import blocks as pairwise_blocks
+from fluxbench._pairwise import frames as pairwise_frames
 from fluxbench.objectives.batch_score import DenseBatchKernel, FusedBatchKernel, batch_score, make_batch_kernel
 
 # the module itself (fluxbench.objectives re-exports a function of the same name)
@@ -84,7 +86,7 @@ def test_blocks_escalate_the_expanded_form_to_float64_then_difference_form():
     """eps (R + 6 sqrt(var))^2 / var above _EXPANDED_TOL in float32: the product in float64;
     above it in float64 too: distances in difference form."""
     def product_dtype(reach, var):
-        return pairwise._product_dtype(torch.full((1, 4, 2), reach), var)
+        return pairwise_blocks.product_dtype(torch.full((1, 4, 2), reach), var)
 
     assert product_dtype(0.1, 1.0) == torch.float32
     assert product_dtype(10.0, 1e-2) == torch.float64
@@ -96,13 +98,13 @@ def test_blocks_float64_products_keep_float32_accuracy(monkeypatch):
     is ~3e-3 (it errs by 8e-7 of max |m| here); the float64 product keeps the posterior mean
     at float32 resolution (4e-8 here; the bound asserted is 2e-7)."""
     seen = []
-    original = pairwise._BlockKernel.__init__
+    original = pairwise_blocks.BlockKernel.__init__
 
     def spy(self, q, kf, product_dtype):
         original(self, q, kf, product_dtype)
         seen.append(self.product_dtype)
 
-    monkeypatch.setattr(pairwise._BlockKernel, "__init__", spy)
+    monkeypatch.setattr(pairwise_blocks.BlockKernel, "__init__", spy)
     x = _cloud(64, 2, 27, spread=1.0)
     z = x + 0.01 * torch.randn(64, 2, generator=gen(28), dtype=F64)
     with pairwise.use_attention(False):
@@ -113,7 +115,7 @@ def test_blocks_float64_products_keep_float32_accuracy(monkeypatch):
 
 
 def test_blocks_difference_form_matches_brute_force(monkeypatch):
-    monkeypatch.setattr(pairwise, "_EXPANDED_TOL", 0.0)
+    monkeypatch.setattr(pairwise_blocks, "_EXPANDED_TOL", 0.0)
     x = _cloud(97, 3, 24)
     z = x + 0.2 * torch.randn(97, 3, generator=gen(25), dtype=F64)
     var = 0.04
@@ -165,7 +167,7 @@ def test_logsumexp_reference_far_from_maximum_falls_back_exactly():
 def finest_frames(monkeypatch):
     """Float64 meets the rounding bound with one frame; force the finest grouping instead,
     and the fused (attention) path even where one dense block would be cheaper."""
-    monkeypatch.setattr(pairwise, "_ROUNDING_TOL", 0.0)
+    monkeypatch.setattr(pairwise_frames, "_ROUNDING_TOL", 0.0)
     monkeypatch.setattr(batch_score_module, "_DENSE_PAIRS", 0)
 
 
@@ -176,7 +178,7 @@ def test_dense_kernel_rows_far_from_every_key_and_outside_the_expanded_form():
     x, z = _far_cloud()
     var = 0.15  # bound eps (R + 6 sigma)^2 / var: 4e-4 for the keys (R = 20), 2e-3 for the queries (R = 50)
     kern = DenseBatchKernel(x, math.sqrt(var))
-    assert kern.expanded_on_data and pairwise._product_dtype(z - kern.centre, var) != torch.float32
+    assert kern.expanded_on_data and pairwise_blocks.product_dtype(z - kern.centre, var) != torch.float32
     expect = torch.softmax(-0.5 * torch.cdist(z.double(), x.double()).square() / var, dim=1) @ x.double()
     assert torch.allclose(kern.mean(z).double(), expect, rtol=1e-6, atol=1e-5)
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fluxbench import pairwise
+from fluxbench._pairwise import blocks as pairwise_blocks
+from fluxbench._pairwise import frames as pairwise_frames
 from fluxbench.fields import MLPField, at_sigma
 from fluxbench.objectives import flux_matching_loss
 from fluxbench.objectives.flux import T_MIN
@@ -27,7 +29,7 @@ def gen(seed: int) -> torch.Generator:
 def one_frame(monkeypatch):
     """One local frame: rows keep their order, so draws align with the reference. The fused
     backend is forced onto its attention path even where a dense block would be cheaper."""
-    monkeypatch.setattr(pairwise, "_MIN_GROUP", 10**9)
+    monkeypatch.setattr(pairwise_frames, "_MIN_GROUP", 10**9)
     monkeypatch.setattr(importlib.import_module("fluxbench.objectives.batch_score"), "_DENSE_PAIRS", 0)
 
 
@@ -275,11 +277,11 @@ def test_caches_first_filled_in_inference_mode_serve_normal_mode():
     inside the loss's inference mode, they must still be ordinary tensors, or a later call
     outside it that writes to the buffer fails."""
     bs = importlib.import_module("fluxbench.objectives.batch_score")
-    pairwise._workspace.buffers = {}
+    pairwise_blocks._workspace.buffers = {}
     bs._monomials.cache_clear()
     x = torch.randn(2048, 2, generator=gen(0))
     flux_matching_loss(MLPField(2), x, 0.3, backend="fused", generator=gen(1))
-    buffers = list(pairwise._workspace.buffers.values())
+    buffers = list(pairwise_blocks._workspace.buffers.values())
     monomials = bs._monomials(2, x.device)
     assert buffers and not any(b.is_inference() for b in buffers)
     assert not any(t.is_inference() for t in (monomials.qa, monomials.c_full))

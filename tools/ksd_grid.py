@@ -21,7 +21,7 @@ The grid of ``DEFAULT_LENGTHSCALE_FACTORS`` was chosen from this table on seeds
 evaluation of that choice.
 
 With ``--test rollout`` the same is done for the rollout test's paired MMD: the chains of
-``rollout_test`` (:func:`fluxbench.verify.stationarity.rollout_chains`, the same draws),
+``rollout_test`` (:func:`fluxbench.verify.rollout.rollout_chains`, the same draws),
 then one wild-bootstrap pass of the paired MMD over the fine grid; a sub-grid's p-value is
 ``rollout_test(mmd_lengthscale_factors=G, seed=s)``'s. Its default, the median alone, was
 chosen from that table on seeds 1000-1019 (``results/calibration/rollout-grid/``).
@@ -50,7 +50,8 @@ from fluxbench.kernels import median_bandwidth
 from fluxbench.metrics.mmd import paired_mmd_bootstrap
 from fluxbench.ustat import default_n_bootstrap, max_p_values
 from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
-from fluxbench.verify.stationarity import _evaluate, rollout_chains
+from fluxbench.verify._inputs import evaluate_field
+from fluxbench.verify.rollout import rollout_chains
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_bootstrap, resolve_lengthscales
 
 FINE_FACTORS = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
@@ -81,7 +82,7 @@ def case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, torch.Ten
         x = seed_samples(target, s, n)
         gen = generator_from_seed(s, x.device)  # as ksd_test: median subsample, then multipliers
         ells, _ = resolve_lengthscales(x, None, factors=FINE_FACTORS, generator=gen)
-        res = ksd_bootstrap(x, _evaluate(field, x), ells, default_n_bootstrap(n), gen, 1024)
+        res = ksd_bootstrap(x, evaluate_field(field, x), ells, default_n_bootstrap(n), gen, 1024)
         zs.append(res.z)
         zbs.append(res.z_boot.float())
     return torch.stack(zs), torch.stack(zbs)
@@ -94,7 +95,7 @@ def rollout_case_draws(name: str, seeds: range, n: int) -> tuple[torch.Tensor, t
     for s in seeds:
         x = seed_samples(target, s, n)
         gen = generator_from_seed(s, x.device)  # as rollout_test: chains, median subsample, multipliers
-        _evaluate(field, x)
+        evaluate_field(field, x)
         end, _, _, _ = rollout_chains(field, x, gen)
         med = median_bandwidth(end, x, generator=gen)
         res = paired_mmd_bootstrap(x, end, [c * med for c in FINE_FACTORS], default_n_bootstrap(n), gen)

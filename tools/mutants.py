@@ -126,21 +126,21 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "blocks_transition_unnormalised",
-        "fluxbench/pairwise.py",
+        "fluxbench/_pairwise/blocks.py",
         "coef = (values[gs, rs] / s).reshape(-1, e).T.contiguous()",
         "coef = values[gs, rs].reshape(-1, e).T.contiguous()",
         "materialised-block transition sums not normalised over the anchors",
     ),
     Mutant(
         "blocks_far_rows_kept",
-        "fluxbench/pairwise.py",
+        "fluxbench/_pairwise/blocks.py",
         "low = acc[:, e] < kern.low_mass",
         "low = acc[:, e] < 0",
         "materialised-block means keep rows whose every log-kernel was clamped (no recomputation)",
     ),
     Mutant(
         "blocks_exp_floor",
-        "fluxbench/pairwise.py",
+        "fluxbench/_pairwise/blocks.py",
         "return (-700.0, 40.0) if dtype == torch.float64 else (-80.0, 21.0)",
         "return (-8.0, 40.0) if dtype == torch.float64 else (-8.0, 21.0)",
         "materialised blocks clamp log-kernels at -8 (far keys get weight e^-8)",
@@ -154,9 +154,9 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "transition_narrow_to_attention",
-        "fluxbench/pairwise.py",
-        "if escalate or _blocks_on(",
-        "if not escalate and _blocks_on(",
+        "fluxbench/_pairwise/sums.py",
+        "if escalate or blocks_on(",
+        "if not escalate and blocks_on(",
         "transition sums of a narrow kernel (small t) left to attention's float32 expanded form",
     ),
     Mutant(
@@ -197,8 +197,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "heun_wrong_sigma",
         "fluxbench/samplers/ode.py",
-        "d_next = -levels[i + 1] * model(x_euler, sig_t[i + 1])",
-        "d_next = -levels[i] * model(x_euler, sig_t[i + 1])",
+        "d_next = -levels[i + 1] * f_next",
+        "d_next = -levels[i] * f_next",
         "Heun corrector of the probability-flow ODE weighted by the old sigma",
     ),
     Mutant(
@@ -218,8 +218,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "paired_mmd_cross_term",
         "fluxbench/metrics/mmd.py",
-        "_sq_dists(xi, yj), _sq_dists(yi, xj)",
-        "_sq_dists(xi, yj), _sq_dists(xi, yj)",
+        "sq_dists_expanded(xi, yj), sq_dists_expanded(yi, xj)",
+        "sq_dists_expanded(xi, yj), sq_dists_expanded(xi, yj)",
         "the paired MMD kernel takes k(x_i, y_j) twice instead of k(x_i, y_j) + k(y_i, x_j)",
     ),
     Mutant(
@@ -259,7 +259,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "ksd_max_without_modes",
-        "fluxbench/verify/stationarity.py",
+        "fluxbench/verify/ksd.py",
         "p = max_p_value(z, z_boot)",
         "p = res.p_value()",
         "ksd_test: p-value from the kernels alone, the mode statistics left out of the maximum",

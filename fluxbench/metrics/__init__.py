@@ -14,8 +14,11 @@ same keyword conventions (``lengthscale``, ``chunk_size``, ``generator``/``seed`
   forms between Gaussians, SPEC section 4 (``gaussian.py``).
 * :func:`noise_floor` -- a metric between two independent samples of the same law
   (``floor.py``).
+* :func:`integrated_autocorrelation_time`, :func:`time_to_floor` -- mixing of long chains
+  (``autocorr.py``).
 """
 
+from fluxbench.metrics.autocorr import integrated_autocorrelation_time, time_to_floor
 from fluxbench.metrics.floor import NoiseFloor, noise_floor
 from fluxbench.metrics.gaussian import gaussian_sliced_w2, gaussian_w2, rbf_kernel_mean
 from fluxbench.metrics.mmd import (
@@ -46,4 +49,6 @@ __all__ = [
     "rbf_kernel_mean",
     "noise_floor",
     "NoiseFloor",
+    "integrated_autocorrelation_time",
+    "time_to_floor",
 ]

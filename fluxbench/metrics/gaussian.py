@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fluxbench import _random
 from fluxbench._checks import all_finite, check_generator, check_positive, check_positive_int
-from fluxbench.kernels import working_dtype
+from fluxbench._pairwise import working_dtype
 from fluxbench.metrics._common import check_directions
 
 __all__ = ["gaussian_w2", "gaussian_sliced_w2", "rbf_kernel_mean"]

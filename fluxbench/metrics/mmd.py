@@ -18,15 +18,15 @@ from torch import Tensor
 
 from fluxbench import _random
 from fluxbench._checks import check_generator, check_positive, check_positive_int
-from fluxbench.kernels import (
-    _rbf_block,
-    _sq_dists,
+from fluxbench._pairwise import (
     chunked_pairwise_matmul,
     chunked_pairwise_sum,
     median_bandwidth,
     no_autocast,
+    sq_dists_expanded,
     working_dtype,
 )
+from fluxbench._pairwise.rbf import rbf_block
 from fluxbench.metrics._common import check_pair
 from fluxbench.ustat import BlockFn, StandardisedU, default_n_bootstrap, wild_bootstrap_max
 
@@ -136,6 +136,13 @@ def mmd2_unbiased(
     Raises:
         ValueError: on bad points (NaN, empty, mismatched d/dtype/device), fewer than 2
             points in x or y, ``lengthscale <= 0`` or ``chunk_size < 1``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(500, 2, generator=g), torch.randn(500, 2, generator=g)
+        >>> bool(abs(mmd2_unbiased(x, y)) < 0.01), bool(mmd2_unbiased(x, y + 1.0) > 0.1)
+        (True, True)
     """
     check_pair(x, y, min_points=2)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
@@ -146,7 +153,7 @@ def mmd2_unbiased(
     inv_two_l2 = 0.5 / ell**2
 
     def block(a: Tensor, b: Tensor) -> Tensor:
-        return _rbf_block(a, b, inv_two_l2)
+        return rbf_block(a, b, inv_two_l2)
 
     xw, yw = _centred_pool(x, y)
     n, m = xw.shape[0], yw.shape[0]
@@ -256,7 +263,7 @@ def _permutation_statistics(
             inv_two_l2 = 0.5 / ell**2
 
             def block(a: Tensor, b: Tensor, inv_two_l2: float = inv_two_l2) -> Tensor:
-                return _rbf_block(a, b, inv_two_l2)
+                return rbf_block(a, b, inv_two_l2)
 
             ke = chunked_pairwise_matmul(block, z, z, weights, chunk_size=chunk_size, exclude_diagonal=True).to(acc)
             r = ke[:, 0]
@@ -380,7 +387,7 @@ def _paired_blocks(x: Tensor, y: Tensor, lengthscales: list[float]) -> BlockFn:
 
     def block(i0: int, i1: int, j0: int, j1: int) -> Iterator[Tensor]:
         xi, yi, xj, yj = x[i0:i1], y[i0:i1], x[j0:j1], y[j0:j1]
-        dxx, dyy, dxy, dyx = _sq_dists(xi, xj), _sq_dists(yi, yj), _sq_dists(xi, yj), _sq_dists(yi, xj)
+        dxx, dyy, dxy, dyx = sq_dists_expanded(xi, xj), sq_dists_expanded(yi, yj), sq_dists_expanded(xi, yj), sq_dists_expanded(yi, xj)
         for c in coefs:
             yield (dxx * c).exp_().add_((dyy * c).exp_()).sub_((dxy * c).exp_()).sub_((dyx * c).exp_())
 

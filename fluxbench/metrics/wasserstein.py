@@ -86,6 +86,12 @@ def w2(
         ValueError: on bad points or weights, or N * M > ``max_pairs``.
         RuntimeError: if the solver does not report an optimal solution (for example
             :data:`W2_NUM_ITER_MAX` reached).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> round(w2(x, x + torch.tensor([3.0, 4.0], dtype=torch.float64)), 6)  # a translation by (3, 4)
+        5.0
     """
     check_pair(x, y)
     max_pairs = check_positive_int(max_pairs, "max_pairs")

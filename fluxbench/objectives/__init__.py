@@ -5,7 +5,8 @@
 * :mod:`.dsm`: :func:`dsm_loss`, the denoising score matching baseline.
 * :mod:`.proposal`: the learned time proposal and loss normaliser.
 * :mod:`.noise`: distributions of sigma for noise annealing.
-* :mod:`.training`: the objectives as modules for :func:`fluxbench.train.train`.
+* :mod:`.training`: the objectives as modules for :func:`fluxbench.train.train`, and
+  :class:`TrainingOutput` (an output that names the model's own loss apart from surrogate terms).
 """
 
 from .base import Objective, ObjectiveOutput
@@ -14,7 +15,7 @@ from .dsm import dsm_loss
 from .flux import FluxLossInfo, flux_matching_loss
 from .noise import FixedSigma, LogNormalSigma, LogUniformSigma, as_noise
 from .proposal import ExponentialTimeProposal, LossNormaliser
-from .training import DenoisingScoreMatching, FluxMatching
+from .training import DenoisingScoreMatching, FluxMatching, TrainingOutput
 
 __all__ = [
     "Objective",
@@ -31,4 +32,5 @@ __all__ = [
     "as_noise",
     "FluxMatching",
     "DenoisingScoreMatching",
+    "TrainingOutput",
 ]

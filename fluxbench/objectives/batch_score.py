@@ -20,12 +20,16 @@ sums of SPEC step 6). Two interchangeable implementations:
 * :class:`DenseBatchKernel`: materialised blocks of rows against all B points, one block
   per pass for small batches: the fewest tensor operations. The default for small
   batches on CPU (``make_batch_kernel``).
-* :class:`FusedBatchKernel`: the pairwise sums of ``fluxbench.pairwise`` in local
+* :class:`FusedBatchKernel`: the pairwise sums of ``fluxbench._pairwise`` in local
   frames: fused attention kernels, or on CPU 4 MiB materialised blocks where those are
   faster; nothing B x B is stored. The default otherwise.
 
 Both work on rows in a *working order* (``kernel.rows`` / ``kernel.restore``): the fused
 kernel sorts rows into spatial frames.
+
+Over 400 lines: one abstraction (:class:`BatchKernel`) with its two implementations and
+the dense-block helpers (keys, moments, transition block) both share; the generic
+pairwise machinery they build on is :mod:`fluxbench._pairwise`.
 """
 
 from __future__ import annotations
@@ -36,17 +40,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from ..kernels import no_autocast
-from ..pairwise import (
-    Frames,
-    KeyFrame,
-    _product_dtype,
-    _shifted_exp,
-    _without_dropped,
-    compute_dtype,
-    kernel_mean,
-    kernel_transition_sum,
-)
+from .._pairwise import Frames, KeyFrame, kernel_mean, kernel_transition_sum, no_autocast, sq_dists_difference, working_dtype
+from .._pairwise.blocks import product_dtype, shifted_exp
+from .._pairwise.sums import without_dropped
 
 __all__ = [
     "batch_score",
@@ -172,16 +168,6 @@ class BatchKernel:
 _LOGIT_FLOOR = 80.0
 
 
-def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
-    """|a_i - b_j|^2 in difference form (no cancellation), (N, M); coordinate sums for small d."""
-    if a.shape[1] > 4:
-        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").square_()
-    out = (a[:, :1] - b[:, 0]).square_()
-    for k in range(1, a.shape[1]):
-        out.add_((a[:, k : k + 1] - b[:, k]).square_())
-    return out
-
-
 def _with_ones(x: Tensor) -> Tensor:
     """(n, d) -> (n, d + 1) [x, 1]: a bias or the row mass rides along in one matrix product."""
     return torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
@@ -212,10 +198,10 @@ def _dense_transition(
         if expanded:
             logits = keys.logits(y[b] - centre)
         else:
-            logits = _sq_dists(y[b], mu).mul_(-0.5 / v)
+            logits = sq_dists_difference(y[b], mu).mul_(-0.5 / v)
             if anchor_bias is not None:
                 logits += anchor_bias
-        w = _shifted_exp(logits, -_LOGIT_FLOOR)
+        w = shifted_exp(logits, -_LOGIT_FLOOR)
         out_t.addmm_((g[b] / w.sum(1, keepdim=True)).T, w)
     return out_t.T
 
@@ -273,7 +259,7 @@ def _block_moments(
     v = f - 2 * s
     # c[0] = v.(x - m), c[1] = (eps.(x - m))^2 (or |x - m|^2): both weighted sums in one product
     if eps is None:
-        c = torch.stack([torch.mm(v, keys.t), _sq_dists(m, keys.x)])
+        c = torch.stack([torch.mm(v, keys.t), sq_dists_difference(m, keys.x)])
         c[0].sub_((v * m).sum(1, keepdim=True))
     else:
         dirs = torch.stack([v, eps])
@@ -290,13 +276,13 @@ class DenseBatchKernel(BatchKernel):
 
     Coordinates are centred on the batch mean. Logits are in the expanded form
     z.x / var - |x|^2 / (2 var) (one matrix product) while its rounding bound
-    (``fluxbench.pairwise``, ``_EXPANDED_TOL``) holds for the queries, else in difference
+    (``fluxbench._pairwise.blocks``, ``_EXPANDED_TOL``) holds for the queries, else in difference
     form; weights are exp(logit - row max) floored at e^-80, and every sum is divided by
     its row mass after the product.
     """
 
     def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
-        self.dtype = compute_dtype(x)
+        self.dtype = working_dtype(x)
         self.var = sigma * sigma
         self.n = x.shape[0]
         xc = x.to(self.dtype)
@@ -304,13 +290,13 @@ class DenseBatchKernel(BatchKernel):
         self.keys = _Keys(xc - self.centre, self.var)  # centred once: products below stay small
         self.chunk = chunk_size or max(1, (1 << 20) // max(1, x.shape[0]))
         # whether queries at the data points themselves take the one-product form
-        self.expanded_on_data = _product_dtype(self.keys.x, self.var) == self.dtype
+        self.expanded_on_data = product_dtype(self.keys.x, self.var) == self.dtype
 
     def _weights(self, z: Tensor) -> Tensor:
         """(n, B) unnormalised weights for centred queries z (n, d)."""
-        if _product_dtype(z, self.var) == z.dtype:
-            return _shifted_exp(self.keys.logits(z), -_LOGIT_FLOOR)
-        return _shifted_exp(_sq_dists(z, self.keys.x).mul_(-0.5 / self.var), -_LOGIT_FLOOR)
+        if product_dtype(z, self.var) == z.dtype:
+            return shifted_exp(self.keys.logits(z), -_LOGIT_FLOOR)
+        return shifted_exp(sq_dists_difference(z, self.keys.x).mul_(-0.5 / self.var), -_LOGIT_FLOOR)
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):
@@ -422,7 +408,7 @@ class FusedBatchKernel(BatchKernel):
 
     def __init__(self, x: Tensor, sigma: float, *, chunk_size: int | None = None):
         b, d = x.shape
-        self.dtype = compute_dtype(x)
+        self.dtype = working_dtype(x)
         self.var = sigma * sigma
         self.chunk = chunk_size
         xc = x.to(self.dtype)
@@ -494,7 +480,7 @@ class FusedBatchKernel(BatchKernel):
             rows = slice(gi * per, (gi + 1) * per)
             keys = _Keys(self.x_keys.k[gi], var, self.x_keys.bias[gi])  # in this frame's coordinates
             yc = y[rows] - frames.centres[gi].to(y.dtype)
-            w = _shifted_exp(keys.logits(yc), -_LOGIT_FLOOR)
+            w = shifted_exp(keys.logits(yc), -_LOGIT_FLOOR)
             s[rows], cw[rows], third[rows] = _block_moments(w, keys, yc, f[rows], None if eps is None else eps[rows], var)
         return s, cw, third
 
@@ -505,7 +491,7 @@ class FusedBatchKernel(BatchKernel):
         chain_bias = None if padding is None else (padding if chains is None else padding[chains])
         if mu.shape[0] * y.shape[0] <= _DENSE_PAIRS:
             # small problems: one materialised block has the fewest tensor operations
-            g = _without_dropped(g.to(self.dtype), chain_bias)
+            g = without_dropped(g.to(self.dtype), chain_bias)
             return _dense_transition(mu.to(self.dtype), y.to(self.dtype), v, g, y.shape[0], padding)
         own = frames.own if chains is None else frames.own[chains]
         return kernel_transition_sum(

@@ -53,7 +53,7 @@ from .._checks import (
     check_sigma,
 )
 from .._random import normal, rademacher, uniform
-from ..pairwise import compute_dtype
+from .._pairwise import working_dtype
 from .batch_score import BatchKernel, make_batch_kernel
 
 __all__ = ["flux_matching_loss", "FluxLossInfo", "T_MIN"]
@@ -146,6 +146,17 @@ def flux_matching_loss(
             field whose output does not match its input (shape, dtype, device,
             finiteness), bad options, or a loss that is not finite (in float32 at
             sigma <= 1e-7 against data of unit scale, where it overflows).
+
+    Example:
+        >>> import torch
+        >>> from fluxbench.fields import MLPField
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(256, 2, generator=g)
+        >>> field = MLPField(2)
+        >>> loss = flux_matching_loss(field, x, 0.5, generator=g)
+        >>> loss.shape, bool(loss.isfinite().all())
+        (torch.Size([256]), True)
+        >>> loss.mean().backward()  # gradients for the field's parameters
     """
     check_points(x, "x")
     sig = float(check_sigma(sigma, like=x))
@@ -162,7 +173,7 @@ def flux_matching_loss(
         chains = check_positive_int(chains, "chains")
 
     b, d = x.shape
-    dtype = compute_dtype(x)
+    dtype = working_dtype(x)
     xc = x.detach().to(dtype)
     var = sig * sig
     # Steps 1-6 are never differentiated: inference mode skips autograd's bookkeeping on

@@ -25,7 +25,9 @@ class ExponentialTimeProposal(nn.Module):
     proposal only changes the variance. It is trained by REINFORCE on the second moment of
     the importance-weighted loss: :meth:`reinforce` returns -stopgrad(target) log q(t)
     with target = (weighted loss)^2, whose gradient in (a, b) is the gradient of that
-    second moment, i.e. of the estimator's variance.
+    second moment, i.e. of the estimator's variance. With a :class:`LossNormaliser` the
+    weighted loss is the normalised one, L exp(-c(sigma)) (as in the published annealed
+    example; see :class:`fluxbench.objectives.FluxMatching`).
 
     Args:
         horizon: H (> 0).
@@ -63,7 +65,8 @@ class ExponentialTimeProposal(nn.Module):
 
     @staticmethod
     def reinforce(weighted_loss_mean: Tensor, log_q: Tensor) -> Tensor:
-        """The REINFORCE surrogate -stopgrad(L^2) log q(t) for the batch-mean weighted loss L."""
+        """The REINFORCE surrogate -stopgrad(L^2) log q(t) for the batch-mean weighted loss L
+        (normalised by the loss normaliser when there is one); 0-d tensors in and out."""
         return -(weighted_loss_mean.detach() ** 2) * log_q
 
 

@@ -6,12 +6,15 @@
   predictor-corrector Langevin corrector.
 - ``probability_flow`` / ``probability_flow_nll``: the VE probability-flow ODE and its
   likelihood by the instantaneous change of variables.
+- ``langevin_rollout`` / ``log_spaced``: long batched Langevin rollouts keeping the states
+  at (log-spaced) checkpoints and an optional trace of observables.
 """
 
 from .annealed import annealed_langevin
 from .langevin import langevin
 from .ode import probability_flow, probability_flow_nll
 from .ou import ExactOU
+from .rollout import Rollout, langevin_rollout, log_spaced
 
 __all__ = [
     "langevin",
@@ -19,4 +22,7 @@ __all__ = [
     "annealed_langevin",
     "probability_flow",
     "probability_flow_nll",
+    "langevin_rollout",
+    "log_spaced",
+    "Rollout",
 ]

@@ -78,6 +78,15 @@ def langevin(
         ValueError: bad arguments; a field output of the wrong shape, dtype or device, or
             non-finite on the first step; or a state that became non-finite during the
             run (divergence: lower ``step_size``).
+
+    Example:
+        >>> import torch
+        >>> x = langevin(lambda z: -z, torch.zeros(2000, 1), step_size=0.1, n_steps=200,
+        ...              generator=torch.Generator().manual_seed(0))
+        >>> x.shape
+        torch.Size([2000, 1])
+        >>> abs(float(x.var()) - 1 / (1 - 0.1 / 2)) < 0.1  # N(0, 1 / (1 - eps/2)), biased by eps
+        True
     """
     check_callable(field, "field")
     x0 = check_points(x0, "x0")

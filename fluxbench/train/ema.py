@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["make_ema", "ema_update"]
+__all__ = ["make_ema", "ema_update", "ema_decay_at"]
 
 
 def make_ema(model: nn.Module) -> nn.Module:
@@ -39,3 +39,18 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
     for eb, b in zip(ema.buffers(), model.buffers()):
         eb.copy_(b)
+
+
+def ema_decay_at(ema_decay: float, ema_warmup: int, step: int) -> float:
+    """EMA decay used after step k = ``step`` (1-based): min(ema_decay, (1 + k) / (ema_warmup + k)).
+
+    ``ema_warmup`` = 0 turns the warm-up off (the decay is ``ema_decay`` from the first step).
+    With w = ``ema_warmup`` > 1 the average forgets the random initialisation quickly: early on
+    1 - decay_k = (w - 1) / (w + k), so the EMA is roughly a running mean over the last
+    (w + k) / (w - 1) steps until that reaches 1 / (1 - ema_decay) steps (w = 10, ema_decay = 0.999:
+    after about 9000 steps). The initial weights keep weight prod_k decay_k ~ k^-(w - 1) instead of
+    ema_decay^k.
+    """
+    if ema_warmup == 0:
+        return ema_decay
+    return min(ema_decay, (1.0 + step) / (ema_warmup + step))

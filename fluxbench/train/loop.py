@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -16,13 +17,16 @@ from tqdm.auto import tqdm
 
 from .._checks import check_points, check_positive, check_positive_int
 from .checkpoint import load_checkpoint, save_checkpoint
-from .ema import ema_update, make_ema
+from .ema import ema_decay_at, ema_update, make_ema
+from .schedule import LR_SCHEDULES, lr_factor
 from .result import TrainResult
 
 __all__ = ["train"]
 
 BASE_COLUMNS = ("step", "loss", "grad_norm", "lr", "seconds")
-_CHECKPOINT_VERSION = 1
+AUX_COLUMN = "aux_grad_norm"
+# 2: the optimiser has one group for the model and one for the objective's own parameters
+_CHECKPOINT_VERSION = 2
 
 
 def _resolve_device(model: nn.Module, device: object) -> torch.device:
@@ -78,6 +82,13 @@ def _unique_params(*modules: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _param_groups(model: nn.Module, objective: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(model parameters, auxiliary parameters): the objective's trainable parameters that are not the model's."""
+    model_params = _unique_params(model)
+    ids = {id(p) for p in model_params}
+    return model_params, [p for p in _unique_params(objective) if id(p) not in ids]
+
+
 def _log_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=list(BASE_COLUMNS))
@@ -97,7 +108,11 @@ def train(
     batch_size: int,
     lr: float = 1e-3,
     ema_decay: float = 0.999,
+    ema_warmup: int = 0,
     grad_clip: float | None = 1.0,
+    aux_lr: float | None = None,
+    aux_grad_clip: float | None = 1.0,
+    lr_schedule: str = "constant",
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
@@ -108,6 +123,13 @@ def train(
 ) -> TrainResult:
     """Train ``model`` by minimising ``objective`` with Adam, EMA and gradient clipping.
 
+    The parameters form two Adam groups: the model's, and the *auxiliary* ones (the
+    objective's own trainable parameters that are not the model's, e.g. the learned time
+    proposal and loss normaliser of noise-annealed Flux Matching, SPEC section 2). Their
+    gradients live on other scales (the proposal's REINFORCE gradient is ~1e4-1e8 times
+    the model's), so each group is clipped on its own: clipping them together scaled the
+    model's gradient by that factor (issue 14).
+
     Each step k = 1, ..., ``steps``:
 
     1. draw a (batch_size, d) batch: from a data tensor, ``batch_size`` row indices
@@ -115,16 +137,20 @@ def train(
        epoch state is needed to resume); from a callable, ``data(batch_size,
        generator=g)``;
     2. ``out = objective(model, batch, g)`` (an ``ObjectiveOutput``, see
-       ``fluxbench.objectives.base``); backpropagate ``out.loss``;
-    3. clip the global gradient norm of the model's and the objective's parameters to
-       ``grad_clip`` (``torch.nn.utils.clip_grad_norm_``; the logged ``grad_norm`` is the
-       norm before clipping);
-    4. if the loss or the gradient norm is not finite, stop with a ``ValueError`` naming
+       ``fluxbench.objectives.base``); backpropagate ``out.loss`` (the model's objective
+       plus any surrogate terms that train the auxiliary parameters);
+    3. clip the model's gradient norm to ``grad_clip`` and, separately, the auxiliary
+       parameters' gradient norm to ``aux_grad_clip`` (``torch.nn.utils.clip_grad_norm_``;
+       the logged ``grad_norm`` and ``aux_grad_norm`` are the norms before clipping);
+    4. if the loss or a gradient norm is not finite, stop with a ``ValueError`` naming
        the step (the parameters of that step are not updated; with ``checkpoint`` set,
        the state after step k - 1 and the log so far are saved first);
-    5. Adam step on the model's and the objective's parameters (one group, constant lr);
-    6. EMA: e <- ema_decay * e + (1 - ema_decay) * p for the model's parameters, starting
-       from e = the initial weights (``TrainResult.ema_model`` is a separate copy).
+    5. Adam step, learning rate ``lr * lr_factor(lr_schedule, k, steps)`` for the model's
+       group and ``aux_lr`` times the same factor for the auxiliary group;
+    6. EMA: e <- d_k e + (1 - d_k) p for the model's parameters, starting from e = the
+       initial weights, with d_k = ``ema_decay_at(ema_decay, ema_warmup, k)`` =
+       min(ema_decay, (1 + k) / (ema_warmup + k)) (``ema_warmup`` = 0: d_k = ema_decay).
+       ``TrainResult.ema_model`` is a separate copy.
 
     All randomness (batches, and whatever the objective draws) comes from one
     ``torch.Generator`` on the training device seeded with ``seed``: the same seed, model
@@ -141,14 +167,25 @@ def train(
     Args:
         model: the network (trained in place, moved to ``device``).
         objective: an ``nn.Module`` called as ``objective(model, x_batch, generator)``
-            returning an object with ``.loss`` (0-d tensor) and ``.logs`` (dict of
-            floats); its parameters are optimised together with the model's.
+            returning an object with ``.loss`` (0-d tensor, backpropagated), ``.logs``
+            (dict of floats or 0-d tensors) and optionally ``.model_loss`` (0-d tensor:
+            the model's objective without auxiliary surrogate terms; logged as ``loss``
+            when present, see ``fluxbench.objectives.TrainingOutput``); its own
+            parameters are optimised in the auxiliary group.
         data: an (N, d) finite tensor, or a callable ``sample(n, generator=...) -> (n, d)``.
         steps: total number of optimiser steps, >= 1 (including those before a resume).
         batch_size: points per step, >= 1.
         lr: Adam learning rate, > 0.
         ema_decay: EMA decay in [0, 1].
-        grad_clip: maximum global gradient norm (> 0), or None for no clipping.
+        ema_warmup: EMA warm-up constant w (an int >= 0; 0 = none; 10 is the usual value).
+        grad_clip: maximum gradient norm of the model's parameters (> 0), or None.
+        aux_lr: Adam learning rate of the auxiliary parameters (> 0); None = ``lr``.
+        aux_grad_clip: maximum gradient norm of the auxiliary parameters (> 0), or None.
+            Default 1: the REINFORCE gradient of a time proposal is heavy-tailed (the
+            squared loss of one batch), and one huge batch would otherwise dominate Adam's
+            second-moment estimate for thousands of steps.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (see :func:`lr_factor`; the schedule
+            uses ``steps``, so resume with the same ``steps``).
         seed: seed (>= 0) of the run's generator.
         checkpoint: checkpoint file path, or None.
         resume: continue from ``checkpoint`` if that file exists (needs ``checkpoint``).
@@ -159,13 +196,16 @@ def train(
 
     Returns:
         ``TrainResult(model, ema_model, log, steps_done)``. ``log`` has columns ``step``,
-        ``loss``, ``grad_norm``, ``lr``, ``seconds`` (wall-clock seconds of the step) and
+        ``loss`` (``out.model_loss`` if the objective gives one, else ``out.loss``),
+        ``grad_norm`` (the model's), ``lr`` (the model group's), ``seconds`` (wall-clock
+        seconds of the step), ``aux_grad_norm`` when there are auxiliary parameters, and
         then the objective's log keys (a key that collides with a base column is stored
         as ``"objective/<key>"``).
 
     Raises:
         ValueError: bad arguments (steps < 1, batch_size < 1, lr <= 0, ema_decay outside
-            [0, 1], grad_clip <= 0, data with NaN/inf or of the wrong shape, resume
+            [0, 1], ema_warmup < 0, grad_clip, aux_grad_clip or aux_lr <= 0, an unknown
+            lr_schedule, data with NaN/inf or of the wrong shape, resume
             without a checkpoint path, a checkpoint from a different seed/batch size or
             past ``steps``), nothing to optimise, a loss that is not a 0-d tensor, or a
             non-finite loss or gradient (the message names the step).
@@ -180,8 +220,14 @@ def train(
     ema_decay = check_positive(ema_decay, "ema_decay", allow_zero=True)
     if ema_decay > 1:
         raise ValueError(f"ema_decay must be in [0, 1]; got {ema_decay}")
+    ema_warmup = check_positive_int(ema_warmup, "ema_warmup", minimum=0)
     if grad_clip is not None:
         grad_clip = check_positive(grad_clip, "grad_clip")
+    if aux_grad_clip is not None:
+        aux_grad_clip = check_positive(aux_grad_clip, "aux_grad_clip")
+    aux_lr = lr if aux_lr is None else check_positive(aux_lr, "aux_lr")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {lr_schedule!r}")
     seed = check_positive_int(seed, "seed", minimum=0)
     log_every = check_positive_int(log_every, "log_every", minimum=1)
     if checkpoint_every is not None:
@@ -200,10 +246,13 @@ def train(
     draw = _batch_sampler(data, batch_size, dev)
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
-    params = _unique_params(model, objective)
-    if not params:
+    model_params, aux_params = _param_groups(model, objective)
+    if not model_params and not aux_params:
         raise ValueError("nothing to optimise: neither the model nor the objective has trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": model_params, "lr": lr, "base_lr": lr}] if model_params else []
+    if aux_params:
+        groups.append({"params": aux_params, "lr": aux_lr, "base_lr": aux_lr})
+    optimizer = torch.optim.Adam(groups, lr=lr)
     ema = make_ema(model)
     rows: list[dict[str, Any]] = []
     step = 0
@@ -211,6 +260,11 @@ def train(
 
     if resume and path.exists():
         state = load_checkpoint(path, map_location=dev)
+        if state.get("version") != _CHECKPOINT_VERSION:
+            raise ValueError(
+                f"checkpoint {path} has format version {state.get('version')}, this fluxbench writes "
+                f"{_CHECKPOINT_VERSION}; start a fresh run"
+            )
         for key in ("seed", "batch_size"):
             if state["config"][key] != config[key]:
                 raise ValueError(
@@ -263,36 +317,60 @@ def train(
             if not loss.requires_grad:
                 raise ValueError(f"the loss at step {step} does not depend on any trainable parameter")
             loss.backward()
-            max_norm = grad_clip if grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            common = torch.promote_types(loss.dtype, grad_norm.dtype)
-            loss_value, norm_value = torch.stack([loss.detach().to(common), grad_norm.detach().to(common)]).tolist()
+            if model_params:
+                model_norm = torch.nn.utils.clip_grad_norm_(model_params, grad_clip if grad_clip is not None else math.inf)
+            else:
+                model_norm = loss.new_zeros(())
+            norms = [loss.detach(), model_norm.detach()]
+            if aux_params:
+                aux_max = aux_grad_clip if aux_grad_clip is not None else math.inf
+                norms.append(torch.nn.utils.clip_grad_norm_(aux_params, aux_max).detach())
+            model_loss = getattr(out, "model_loss", None)
+            if isinstance(model_loss, Tensor):
+                norms.append(model_loss.detach().reshape(()))
+            logs = dict(getattr(out, "logs", None) or {})
+            tensor_keys = [k for k, v in logs.items() if isinstance(v, Tensor)]
+            norms += [logs[k].detach().reshape(()) for k in tensor_keys]
+            common = functools.reduce(torch.promote_types, [v.dtype for v in norms])
+            values = torch.stack([v.to(common) for v in norms]).tolist()  # the step's one host sync
+            loss_value, norm_value = values[0], values[1]
+            aux_value = values[2] if aux_params else None
+            logged_loss = values[2 + bool(aux_params)] if isinstance(model_loss, Tensor) else loss_value
+            for k, v in zip(tensor_keys, values[len(values) - len(tensor_keys):]):
+                logs[k] = v
             bad = None
             if not math.isfinite(loss_value):
                 bad = f"non-finite loss ({loss_value}) at step {step}"
             elif not math.isfinite(norm_value):
                 bad = f"non-finite gradient norm ({norm_value}) at step {step} (loss {loss_value:.6g})"
+            elif aux_value is not None and not math.isfinite(aux_value):
+                bad = f"non-finite gradient norm of the objective's parameters ({aux_value}) at step {step} (loss {loss_value:.6g})"
             if bad is not None:
                 message = f"train: {bad}; stopped before updating the weights"
                 if path is not None:
                     snapshot(step - 1, gen_state, error=message)
                     message += f" (checkpoint with the {step - 1} completed steps saved to {path})"
                 raise ValueError(message + "; lower lr, check the data and the objective")
+            factor = lr_factor(lr_schedule, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
             optimizer.step()
-            ema_update(ema, model, ema_decay)
+            ema_update(ema, model, ema_decay_at(ema_decay, ema_warmup, step))
             if step % log_every == 0 or step == steps:
                 row: dict[str, Any] = {
                     "step": step,
-                    "loss": loss_value,
+                    "loss": logged_loss,
                     "grad_norm": norm_value,
-                    "lr": float(optimizer.param_groups[0]["lr"]),
+                    "lr": float(optimizer.param_groups[0]["lr"]) if model_params else lr * factor,
                     "seconds": time.perf_counter() - start,
                 }
-                for key, value in (getattr(out, "logs", None) or {}).items():
-                    name = f"objective/{key}" if key in BASE_COLUMNS else str(key)
+                if aux_value is not None:
+                    row[AUX_COLUMN] = aux_value
+                for key, value in logs.items():
+                    name = f"objective/{key}" if key in BASE_COLUMNS or key == AUX_COLUMN else str(key)
                     row[name] = float(value)
                 rows.append(row)
-                bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+                bar.set_postfix(loss=f"{logged_loss:.4g}", refresh=False)
             bar.update(1)
             if path is not None and checkpoint_every is not None and step % checkpoint_every == 0 and step < steps:
                 snapshot(step, generator.get_state())

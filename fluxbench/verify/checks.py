@@ -215,7 +215,8 @@ CHECKS: dict[str, Callable[[_Context], dict[str, Any]]] = {
 }
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
+def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of :func:`check_field`, defaults filled in and validated (ValueError on a bad one)."""
     unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(DEFAULT_OPTIONS)}")
@@ -296,8 +297,17 @@ def check_field(
         ValueError: an unknown check name or option, or a bad option value.
         AssertionError: with ``raise_on_failure=True``, if a check failed (skipped
             checks do not count).
+
+    Example:
+        >>> from fluxbench.targets import Gaussian
+        >>> p = Gaussian.isotropic(2)
+        >>> table = check_field(p.score, p, n=500, checks=["output_contract", "defect", "ksd_stationarity"])
+        >>> table["status"].tolist()
+        ['passed', 'passed', 'passed']
+        >>> check_field(lambda z: p.score(z) + 0.5, p, n=500, checks=["defect"])["status"].tolist()
+        ['failed']
     """
-    opt = _options(options)
+    opt = resolve_options(options)
     names = list(CHECKS) if checks is None else list(checks)
     unknown = [c for c in names if c not in CHECKS]
     if unknown:
@@ -321,7 +331,7 @@ def run_check(name: str, field: Callable[[Tensor], Tensor], target: object, **op
     """
     if name not in CHECKS:
         raise ValueError(f"unknown check {name!r}; known: {', '.join(CHECKS)}")
-    opt = _options(options)
+    opt = resolve_options(options)
     row = _run(_Context(field, target, opt), name)
     if row["status"] == "failed":
         raise AssertionError(

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fluxbench._checks import check_field_output, check_points, check_positive, check_positive_int, check_same_space
 from fluxbench._random import generator_from_seed
-from fluxbench.kernels import _sq_dists, median_bandwidth, no_autocast, working_dtype
+from fluxbench._pairwise import median_bandwidth, no_autocast, sq_dists_expanded, working_dtype
 from fluxbench.ustat import BlockFn, StandardisedU, UStatPass, u_statistic_pass, wild_bootstrap_max
 
 __all__ = ["stein_kernel", "stein_blocks", "ksd2", "ksd_pass", "ksd_bootstrap", "resolve_lengthscales", "DEFAULT_LENGTHSCALE_FACTORS"]
@@ -60,7 +60,7 @@ def _pair_terms(x: Tensor, y: Tensor, fx: Tensor, fy: Tensor) -> _PairTerms:
     ``c2 - 2 c3 - 2 d`` is stored in place of c2 (it is all the kernel needs).
     """
     d = x.shape[1]
-    dist2 = _sq_dists(x, y)
+    dist2 = sq_dists_expanded(x, y)
     c1 = fx @ fy.T
     gx = (fx * x).sum(1, keepdim=True) - fx @ y.T  # fx . (x - y)
     gy = x @ fy.T - (fy * y).sum(1).unsqueeze(0)  # fy . (x - y)

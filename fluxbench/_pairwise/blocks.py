@@ -1,0 +1,214 @@
+"""Materialised blocks of the Gaussian kernel: the CPU strategy of :mod:`fluxbench._pairwise`.
+
+Blocks of at most ``_BLOCK`` entries (4 MiB, reused) take the exponential once per pair:
+their logits are the exact log-kernels -|z - c|^2 / (2 var) <= 0, clamped at a floor
+above the subnormal range (rows of tiny mass are recomputed relative to their maximum).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from fluxbench._pairwise.common import sq_dists_difference
+from fluxbench._pairwise.frames import KeyFrame
+
+__all__ = ["BlockKernel", "blocks_mean", "blocks_transpose_sum", "product_dtype", "shifted_exp"]
+
+# Materialised blocks (CPU strategy) hold at most this many kernel entries (4 MiB in float32).
+_BLOCK = 1 << 20
+# Expanded-form logits are used while their rounding, eps (R + 6 sqrt(var))^2 / var for
+# queries within R of their frame centre, stays below this (the attention strategy's
+# bound, _ROUNDING_TOL); in float64 when the inputs' dtype misses it; else difference form.
+_EXPANDED_TOL = 1e-3
+
+
+def _exp_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """(floor, margin): log-kernels are clamped at ``floor`` (exp stays a normal number:
+    subnormals slow CPUs down several-fold), and a row whose kernel mass is below
+    M exp(floor + margin) is recomputed relative to its maximum, so that the clamped
+    entries (each at most exp(floor)) change no row by more than exp(-margin) relative."""
+    return (-700.0, 40.0) if dtype == torch.float64 else (-80.0, 21.0)
+
+
+def _row_blocks(groups: int, rows: int, cols: int, chunk_size: int | None) -> Iterator[tuple[slice, slice]]:
+    """(group slice, row slice) pairs covering a (groups, rows) query grid, each block
+    holding at most ``_BLOCK`` kernel entries (and ``chunk_size`` query rows)."""
+    per = max(1, _BLOCK // max(1, cols))
+    if chunk_size is not None:
+        per = min(per, chunk_size)
+    if per >= rows:
+        step = per // rows
+        for g0 in range(0, groups, step):
+            yield slice(g0, g0 + step), slice(None)
+        return
+    for g in range(groups):
+        for r0 in range(0, rows, per):
+            yield slice(g, g + 1), slice(r0, r0 + per)
+
+
+_workspace = threading.local()
+
+
+def _block_buffer(n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> Tensor:
+    """A flat buffer of n entries reused across blocks and calls (one per thread, dtype and
+    device): a fresh multi-MiB tensor per block is page-faulted in every time, which
+    costs more than the block's arithmetic."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    key = (dtype, device, slot)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < n:
+        # a normal tensor even when first needed in inference mode: callers outside it write to it
+        with torch.inference_mode(False):
+            buf = buffers[key] = torch.empty(max(n, _BLOCK), dtype=dtype, device=device)
+    return buf[:n]
+
+
+def product_dtype(q: Tensor, var: float) -> torch.dtype | None:
+    """The dtype of the expanded-form log-kernel product for local queries q (..., d):
+    q's own while its rounding eps (R + 6 sqrt(var))^2 / var (R the largest |q|) is within
+    ``_EXPANDED_TOL``, else float64 if that is, else None (difference form)."""
+    reach = float(torch.linalg.vector_norm(q.detach(), dim=-1).amax()) + 6 * math.sqrt(var)
+    return next((dt for dt in (q.dtype, torch.float64) if torch.finfo(dt).eps * reach * reach / var <= _EXPANDED_TOL), None)
+
+
+def shifted_exp(logits: Tensor, floor: float) -> Tensor:
+    """exp(logits - max over the last axis), in place, raised to at least exp(floor).
+
+    A positive multiple of each softmax row with its largest entry exactly 1 (so the row
+    mass is >= 1); the floor keeps exp out of the slow range below about -87.
+    """
+    return logits.sub_(logits.amax(-1, keepdim=True)).clamp_(min=floor).exp_()
+
+
+class BlockKernel:
+    """Materialised blocks of the Gaussian kernel between local queries and a KeyFrame.
+
+    exp(-|q_i - k_j|^2 / (2 var)), the log-kernel <= 0 so exp never overflows, in the
+    expanded form (one batched product) when its rounding is below ``_EXPANDED_TOL`` in
+    the inputs' dtype or else in float64, otherwise in difference form (``torch.cdist``).
+    Blocks are views of a reused buffer: each is consumed before the next is computed.
+    """
+
+    def __init__(self, q: Tensor, kf: KeyFrame, product_dtype: torch.dtype | None):
+        self.q, self.kf, self.var = q, kf, kf.var
+        self.floor, margin = _exp_limits(q.dtype)
+        self.n_keys = kf.k.shape[1]
+        self.low_mass = self.n_keys * math.exp(self.floor + margin)
+        self.product_dtype = product_dtype  # from product_dtype(q, var)
+        self._aug: tuple[Tensor, Tensor] | None = None  # built on first use
+
+    @property
+    def expanded(self) -> bool:
+        return self.product_dtype is not None
+
+    def _augmented(self) -> tuple[Tensor, Tensor]:
+        if self._aug is None:
+            qp = self.q.to(self.product_dtype)
+            norm = qp.square().sum(-1, keepdim=True).mul_(-0.5 / self.var)
+            q_aug = torch.cat([qp * (1.0 / self.var), norm, torch.ones_like(norm)], -1)
+            self._aug = (q_aug, self.kf.augmented(self.product_dtype))
+        return self._aug
+
+    def _log_kernel(self, gs: slice, rs: slice) -> Tensor:
+        if self.expanded:
+            q_aug, k_aug = self._augmented()
+            qa, ka = q_aug[gs, rs], k_aug[gs]
+            shape = (qa.shape[0], qa.shape[1], ka.shape[2])
+            out = _block_buffer(math.prod(shape), qa.dtype, qa.device).view(shape)
+            torch.bmm(qa, ka, out=out)
+            if out.dtype == self.q.dtype:
+                return out
+            return _block_buffer(out.numel(), self.q.dtype, qa.device, slot=1).view(shape).copy_(out)
+        return sq_dists_difference(self.q[gs, rs], self.kf.k[gs], max_sum_dim=0).mul_(-0.5 / self.var)
+
+    def weights(self, gs: slice, rs: slice) -> Tensor:
+        """(g, r, M) kernel entries, exp(max(log-kernel, floor)); valid for every row whose
+        mass over the included keys is at least ``low_mass``."""
+        return self._log_kernel(gs, rs).clamp_(min=self.floor).exp_()
+
+    def shifted_weights(self, gs: slice, rs: slice) -> Tensor:
+        """The block recomputed relative to each row's maximum: a positive multiple of the
+        kernel row, the same after normalisation (queries far from every key)."""
+        logits = self._log_kernel(gs, rs)
+        if self.kf.mask is not None:
+            logits.masked_fill_(self.kf.mask == 0, float("-inf"))
+        return shifted_exp(logits, self.floor)
+
+    def block(self, gs: slice, rs: slice, low: Tensor | None = None) -> Tensor:
+        """:meth:`weights`, or :meth:`shifted_weights` where ``low`` (G, l) marks a row of the block."""
+        if low is not None and bool(low[gs, rs].any()):
+            return self.shifted_weights(gs, rs)
+        return self.weights(gs, rs)
+
+    def mass(self, w: Tensor) -> Tensor:
+        """(g, r, 1) row sums of w over the included keys."""
+        mask = self.kf.mask
+        return w.sum(-1, keepdim=True) if mask is None else torch.matmul(w, mask[:, None])
+
+
+def blocks_mean(q: Tensor, kf: KeyFrame, v: Tensor, name: object, chunk_size: int | None) -> Tensor:
+    """out[g, i] = sum_j w_gij v[g, j] / sum_j w_gij over included keys; q (G, l, d) local,
+    v (G or 1, M, e) -> (G, l, e).
+
+    Every block's sums and masses land in one (G, e + 1, l) tensor; the masses are checked
+    once at the end (fewest operations per block) and blocks holding a row of tiny mass
+    are recomputed relative to each row's maximum.
+    """
+    kern = BlockKernel(q, kf, product_dtype(q, kf.var))
+    vt = kf.masked_values(v, name)  # (Gv, e + 1, M), the last row the mask
+    g_all, rows = q.shape[:2]
+    e = v.shape[-1]
+    acc = q.new_empty(g_all, e + 1, rows)
+    blocks = list(_row_blocks(g_all, rows, kern.n_keys, chunk_size))
+
+    def fill(low: Tensor | None) -> None:
+        for gs, rs in blocks:
+            if low is None or bool(low[gs, rs].any()):
+                w = kern.weights(gs, rs) if low is None else kern.shifted_weights(gs, rs)
+                vg = vt[gs] if vt.shape[0] > 1 else vt.expand(w.shape[0], -1, -1)
+                # (e+1, M) x (M, r): the long dimension inside, which BLAS streams best
+                acc[gs, :, rs] = torch.bmm(vg, w.transpose(1, 2))
+
+    fill(None)
+    low = acc[:, e] < kern.low_mass
+    if bool(low.any()):
+        fill(low)
+    return (acc[:, :e] / acc[:, e:]).transpose(1, 2)
+
+
+def blocks_transpose_sum(kern: BlockKernel, values: Tensor, chunk_size: int | None) -> Tensor:
+    """out_j = sum_{g, i} w_gij values_gi / s_gi, s_gi = sum over included keys j of w_gij.
+
+    Queries (G, l, d) of ``kern``, values (G, l, e) -> (M, e): a kernel normalised over
+    its keys, summed over its queries, in one pass. The masses are checked once at the
+    end; if any row's is tiny, the sum is taken again with those blocks recomputed
+    relative to each row's maximum.
+    """
+    q = kern.q
+    e = values.shape[-1]
+    blocks = list(_row_blocks(q.shape[0], q.shape[1], kern.n_keys, chunk_size))
+    masses = q.new_empty(q.shape[:2])
+
+    def accumulate(low: Tensor | None) -> Tensor:
+        out = q.new_zeros(e, kern.n_keys)
+        for gs, rs in blocks:
+            w = kern.block(gs, rs, low)
+            s = kern.mass(w)
+            if low is None:
+                masses[gs, rs] = s[..., 0]
+            coef = (values[gs, rs] / s).reshape(-1, e).T.contiguous()
+            out.addmm_(coef, w.reshape(-1, kern.n_keys))
+        return out
+
+    out = accumulate(None)
+    low = masses < kern.low_mass
+    if bool(low.any()):
+        out = accumulate(low)
+    return out.T

@@ -1,0 +1,69 @@
+"""The rules every pairwise computation follows: its working dtype, autocast off, and the
+two ways to compute squared distances (named for their numerics).
+
+* :func:`working_dtype`: pairwise work runs in float64 if any input is float64, else in
+  float32 (half precision and bfloat16 are promoted). The one dtype rule of the package.
+* :func:`no_autocast`: pairwise work is done with autocast disabled.
+* :func:`sq_dists_expanded`: ``|x|^2 + |y|^2 - 2 x.y`` (one matrix product, fast;
+  loses relative accuracy far from the origin: centre the points first).
+* :func:`sq_dists_difference`: ``sum_k (a_ik - b_jk)^2`` (no cancellation; for narrow
+  kernels and points far from the origin).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+__all__ = ["working_dtype", "no_autocast", "sq_dists_expanded", "sq_dists_difference"]
+
+
+def working_dtype(*args: torch.dtype | Tensor) -> torch.dtype:
+    """The dtype pairwise work runs in: float64 if any argument is float64, else float32.
+
+    Arguments are dtypes or tensors (their dtype counts). float16, bfloat16 and float32
+    map to float32.
+    """
+    return torch.float64 if any((a if isinstance(a, torch.dtype) else a.dtype) == torch.float64 for a in args) else torch.float32
+
+
+def no_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Disable autocast for ``device``'s type inside the block (pairwise work stays in fp32+).
+
+    A no-op context when autocast is not active (the common case, and a hot path).
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def sq_dists_expanded(x: Tensor, y: Tensor) -> Tensor:
+    """|x_i - y_j|^2 via |x|^2 + |y|^2 - 2 x.y, clamped at 0; no checks (hot-loop helper).
+
+    Callers disable autocast and convert to the working dtype before calling.
+    """
+    xx = x.pow(2).sum(dim=1, keepdim=True)  # (n, 1)
+    yy = y.pow(2).sum(dim=1).unsqueeze(0)  # (1, m)
+    return torch.addmm(xx + yy, x, y.T, beta=1.0, alpha=-2.0).clamp_min(0.0)
+
+
+def sq_dists_difference(a: Tensor, b: Tensor, *, max_sum_dim: int = 4) -> Tensor:
+    """|a_i - b_j|^2 in difference form (no cancellation): (N, d), (M, d) -> (N, M); no checks.
+
+    Batched (G, N, d), (G, M, d) -> (G, N, M) inputs take the ``cdist`` branch.
+
+    Up to ``max_sum_dim`` coordinates as a sum of squared coordinate differences (the
+    fewest operations for small d), above through ``torch.cdist`` in its difference mode,
+    squared. The materialised-block kernels of :mod:`.blocks` and :mod:`.sums` pass
+    ``max_sum_dim=0`` (always ``cdist``), the dense batch kernels the default.
+    """
+    if a.shape[-1] > max_sum_dim or a.ndim != 2:
+        d = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+        return d.square() if d.requires_grad else d.square_()  # cdist's backward needs d
+    out = (a[:, :1] - b[:, 0]).square_()
+    for k in range(1, a.shape[1]):
+        out.add_((a[:, k : k + 1] - b[:, k]).square_())
+    return out
