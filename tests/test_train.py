@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from fluxbench.fields import MLPField
+from fluxbench.objectives import FluxMatching
 from fluxbench.objectives.base import Objective, ObjectiveOutput
 from fluxbench.train import TrainResult, load_checkpoint, save_checkpoint, train
 
@@ -323,3 +325,47 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+@pytest.mark.parametrize(
+    "change,name",
+    [(dict(lr=1e-3), "lr"), (dict(objective_kind="other"), "objective"), (dict(ema_decay=0.5), "ema_decay")],
+)
+def test_resume_refuses_changed_settings(tmp_path, change, name):
+    """A new learning rate, objective or EMA decay was silently ignored (or applied from the
+    middle of the run on) when resuming; the checkpoint's run must be continued as it was."""
+    path = tmp_path / "run.pt"
+    run(steps=4, checkpoint=path)
+    kw = dict(change)
+    if kw.pop("objective_kind", None):
+        kw["objective"] = FluxMatching(0.3)
+    with pytest.raises(ValueError, match=rf"written with {name}=.* but this run has {name}="):
+        run(steps=8, checkpoint=path, resume=True, **kw)
+
+
+def test_resume_sees_a_changed_noise_level(tmp_path):
+    path = tmp_path / "run.pt"
+    model = MLPField(2, hidden=(16,), sigma_conditioned=True)
+    train(model, FluxMatching(0.3), gaussian_data(), steps=2, batch_size=16, checkpoint=path)
+    with pytest.raises(ValueError, match="objective="):
+        train(model, FluxMatching(0.5), gaussian_data(), steps=4, batch_size=16, checkpoint=path, resume=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "foreign"])
+def test_resume_from_an_empty_or_foreign_checkpoint_is_a_clear_error(tmp_path, content):
+    """An empty file raised EOFError() and a foreign torch file KeyError: 'config'."""
+    path = tmp_path / "run.pt"
+    if content == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="cannot resume from"):
+        run(steps=4, checkpoint=path, resume=True)
+
+
+def test_a_directory_as_checkpoint_fails_before_training(tmp_path):
+    """checkpoint=<a directory> failed only when the first checkpoint was written, after training."""
+    objective = TinyDSM()
+    with pytest.raises(ValueError, match="is a directory"):
+        run(steps=50, checkpoint=tmp_path, objective=objective)
+    assert int(objective.calls) == 0

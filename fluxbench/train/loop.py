@@ -27,6 +27,7 @@ BASE_COLUMNS = ("step", "loss", "grad_norm", "lr", "seconds")
 AUX_COLUMN = "aux_grad_norm"
 # 2: the optimiser has one group for the model and one for the objective's own parameters
 _CHECKPOINT_VERSION = 2
+_CHECKPOINT_KEYS = ("version", "step", "model", "ema_model", "objective", "optimizer", "generator", "log", "config")
 
 
 def _resolve_device(model: nn.Module, device: object) -> torch.device:
@@ -87,6 +88,36 @@ def _param_groups(model: nn.Module, objective: nn.Module) -> tuple[list[nn.Param
     model_params = _unique_params(model)
     ids = {id(p) for p in model_params}
     return model_params, [p for p in _unique_params(objective) if id(p) not in ids]
+
+
+def _describe_objective(objective: nn.Module) -> str:
+    """The objective's class and settings, as compared on resume (``ObjectiveClass(noise; extra)``)."""
+    noise = getattr(objective, "noise", None)
+    extra = objective.extra_repr()
+    return f"{type(objective).__name__}({'' if noise is None else repr(noise)}{'; ' + extra if extra else ''})"
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``, or a ValueError saying why it cannot be resumed from."""
+    try:
+        state = load_checkpoint(path, map_location=device)
+    except Exception as exc:  # EOFError (empty), RuntimeError / UnpicklingError (truncated, foreign)
+        raise ValueError(
+            f"cannot resume from {path}: it is empty, truncated or not a torch checkpoint "
+            f"({type(exc).__name__}: {exc}); delete it or pass another checkpoint path"
+        ) from exc
+    missing = [] if not isinstance(state, dict) else [k for k in _CHECKPOINT_KEYS if k not in state]
+    if not isinstance(state, dict) or missing:
+        raise ValueError(
+            f"cannot resume from {path}: not a fluxbench training checkpoint "
+            f"({'not a dict' if not isinstance(state, dict) else 'missing ' + ', '.join(missing)})"
+        )
+    if state["version"] != _CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format version {state['version']}, this fluxbench writes "
+            f"{_CHECKPOINT_VERSION}; start a fresh run"
+        )
+    return state
 
 
 def _log_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -239,6 +270,8 @@ def train(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.is_dir():
+        raise ValueError(f"checkpoint must be a file path; {path} is a directory (name a file inside it)")
 
     dev = _resolve_device(model, device)
     model.to(dev)
@@ -256,21 +289,32 @@ def train(
     ema = make_ema(model)
     rows: list[dict[str, Any]] = []
     step = 0
-    config = {"seed": seed, "batch_size": batch_size}
+    config = {
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "aux_lr": aux_lr,
+        "lr_schedule": lr_schedule,
+        "grad_clip": grad_clip,
+        "aux_grad_clip": aux_grad_clip,
+        "ema_decay": ema_decay,
+        "ema_warmup": ema_warmup,
+        "model": type(model).__name__,
+        "objective": _describe_objective(objective),
+    }
 
     if resume and path.exists():
-        state = load_checkpoint(path, map_location=dev)
-        if state.get("version") != _CHECKPOINT_VERSION:
+        state = _read_checkpoint(path, dev)
+        # a resumed run must be the run that wrote the checkpoint: a changed setting would be
+        # applied from the middle of the run on, silently
+        changed = [k for k in config if k in state["config"] and state["config"][k] != config[k]]
+        if changed:
+            was = ", ".join(f"{k}={state['config'][k]!r}" for k in changed)
+            now = ", ".join(f"{k}={config[k]!r}" for k in changed)
             raise ValueError(
-                f"checkpoint {path} has format version {state.get('version')}, this fluxbench writes "
-                f"{_CHECKPOINT_VERSION}; start a fresh run"
+                f"checkpoint {path} was written with {was} but this run has {now}; a resumed run must use "
+                "the same settings (start a fresh run, or another checkpoint path, to change them)"
             )
-        for key in ("seed", "batch_size"):
-            if state["config"][key] != config[key]:
-                raise ValueError(
-                    f"checkpoint {path} was written with {key}={state['config'][key]} but this run has "
-                    f"{key}={config[key]}; a resumed run must use the same {key}"
-                )
         if state["step"] > steps:
             raise ValueError(f"checkpoint {path} is at step {state['step']}, past steps={steps}")
         model.load_state_dict(state["model"])
