@@ -56,6 +56,8 @@ def _check_common(recipe) -> None:
         check_positive_int(recipe.chains, "chains")
     if recipe.dsm_target not in ("plain", "batch"):
         raise ValueError(f"dsm_target must be 'plain' or 'batch'; got {recipe.dsm_target!r}")
+    check_positive(recipe.horizon, "horizon")
+    check_positive_int(recipe.substeps, "substeps")
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,6 @@ class AnnealedRecipe:
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"need sigma_min < sigma_max; got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}")
         _check_common(self)
-        check_positive(self.horizon, "horizon")
-        check_positive_int(self.substeps, "substeps")
         check_positive_int(self.sample_levels, "sample_levels", minimum=2)
         check_positive_int(self.corrector_steps, "corrector_steps", minimum=0)
         check_positive(self.snr, "snr")
@@ -164,8 +164,6 @@ class SingleSigmaRecipe:
     def __post_init__(self) -> None:
         check_positive(self.sigma, "sigma")
         _check_common(self)
-        check_positive(self.horizon, "horizon")
-        check_positive_int(self.substeps, "substeps")
         check_positive(self.langevin_step, "langevin_step")
         check_positive_int(self.langevin_steps, "langevin_steps", minimum=0)
 
