@@ -33,7 +33,8 @@ import pandas as pd
 import torch
 
 from . import __version__
-from ._io import write_json, write_text
+from .argtypes import device_arg, positive_float, positive_int
+from .fileio import write_json, write_text
 from .metrics import mmd2_unbiased, w2
 from .recipes import AnnealedRecipe, SingleSigmaRecipe, fit, recipe_fields
 from .targets import list_targets, make_target
@@ -51,7 +52,7 @@ SINGLE_SIGMA_HELP = (
 
 def score_samples(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """{"W2": exact W2 (POT), "MMD2": unbiased RBF MMD^2} between (n, d) samples and (m, d) reference."""
-    return {"W2": float(w2(samples, reference)), "MMD2": float(mmd2_unbiased(samples, reference))}
+    return {"W2": w2(samples, reference), "MMD2": mmd2_unbiased(samples, reference)}
 
 
 def reference_samples(target, sigma: float, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,41 +201,6 @@ def _plot(fields, samples, reference, device: torch.device, path: Path, title: s
     tmp.replace(path)
 
 
-def _positive_int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _device(text: str) -> torch.device:
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, TypeError):
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def demo_targets() -> list[str]:
     """Registered targets that build without arguments and are 2-D."""
     names = []
@@ -253,14 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fluxbench demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: fluxbench demo --seed 1 --out runs/demo-seed1",
+        epilog=(
+            "examples:\n"
+            "  fluxbench demo                                   # both methods on the triangle, into runs/demo\n"
+            "  fluxbench demo --seed 1 --out runs/demo-seed1    # another seed, another folder\n"
+            "  fluxbench demo --method flux --steps 500 --samples 500 --out /tmp/demo  # a short smoke run\n"
+            "  fluxbench demo --single-sigma --sigma 0.1 --device cuda"
+        ),
     )
     parser.add_argument("--target", default="triangle", choices=demo_targets(), help="a 2-D target (default triangle)")
-    parser.add_argument("--steps", type=_positive_int(1), default=None, help="training steps per method (default: the recipe's)")
-    parser.add_argument("--batch-size", type=_positive_int(1), default=None, help="batch size (default: the recipe's, 256)")
-    parser.add_argument("--samples", type=_positive_int(2), default=2000, help="samples per method and reference (default 2000)")
-    parser.add_argument("--seed", type=_positive_int(0), default=0)
-    parser.add_argument("--device", type=_device, default=torch.device("cpu"), help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--steps", type=positive_int(1), default=None, help="training steps per method (default: the recipe's)")
+    parser.add_argument("--batch-size", type=positive_int(1), default=None, help="batch size (default: the recipe's, 256)")
+    parser.add_argument("--samples", type=positive_int(2), default=2000, help="samples per method and reference (default 2000)")
+    parser.add_argument("--seed", type=positive_int(0), default=0)
+    parser.add_argument("--device", type=device_arg, default=torch.device("cpu"), help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}, ignored by git)")
     parser.add_argument("--method", choices=["flux", "dsm", "both"], default="both")
     parser.add_argument(
@@ -272,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="annealed flux: learn the loss normaliser c(sigma) (default: on)",
     )
     parser.add_argument("--single-sigma", action="store_true", help=SINGLE_SIGMA_HELP)
-    parser.add_argument("--sigma", type=_positive_float, default=None, help="with --single-sigma: the noise level (default 0.1)")
+    parser.add_argument("--sigma", type=positive_float, default=None, help="with --single-sigma: the noise level (default 0.1)")
     parser.add_argument(
-        "--threads", type=_positive_int(1), default=1,
+        "--threads", type=positive_int(1), default=1,
         help="torch CPU threads (default 1: the 2-D networks are too small to gain from more, and on a "
         "busy machine intra-op threads can make a step 10x slower)",
     )

@@ -32,36 +32,64 @@ from .objectives import DenoisingScoreMatching, FluxMatching
 from .samplers import annealed_langevin, langevin
 from .train import LR_SCHEDULES, train
 
-__all__ = ["AnnealedRecipe", "SingleSigmaRecipe", "Fitted", "fit", "METHODS", "sigma_grid", "recipe_fields"]
+__all__ = ["AnnealedRecipe", "SingleSigmaRecipe", "TrainingOptions", "Fitted", "fit", "METHODS", "sigma_grid", "recipe_fields"]
 
 METHODS = ("flux", "dsm")
 
 
-def _check_common(recipe) -> None:
-    check_positive_int(recipe.steps, "steps")
-    check_positive_int(recipe.batch_size, "batch_size")
-    check_positive(recipe.lr, "lr")
-    if recipe.grad_clip is not None:
-        check_positive(recipe.grad_clip, "grad_clip")
-    if not 0.0 <= float(recipe.ema_decay) <= 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1]; got {recipe.ema_decay}")
-    check_positive_int(recipe.ema_warmup, "ema_warmup", minimum=0)
-    if recipe.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {recipe.lr_schedule!r}")
-    if not isinstance(recipe.hidden, tuple) or not recipe.hidden:
-        raise ValueError(f"hidden must be a non-empty tuple of layer widths; got {recipe.hidden!r}")
-    for width in recipe.hidden:
-        check_positive_int(width, "hidden width")
-    if recipe.chains is not None:
-        check_positive_int(recipe.chains, "chains")
-    if recipe.dsm_target not in ("plain", "batch"):
-        raise ValueError(f"dsm_target must be 'plain' or 'batch'; got {recipe.dsm_target!r}")
-    check_positive(recipe.horizon, "horizon")
-    check_positive_int(recipe.substeps, "substeps")
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions:
+    """The training options both recipes share; every recipe field is keyword-only.
+
+    Adam at ``lr`` with the ``lr_schedule`` of :func:`fluxbench.train.train`, the model's
+    gradient clipped at ``grad_clip`` (None: no clipping), an EMA of decay ``ema_decay``
+    warmed up over ``ema_warmup`` steps, ``steps`` steps of ``batch_size`` points, the field
+    an MLP of widths ``hidden``. Flux Matching's ``learn_proposal``, ``chains`` (None: every
+    point anchors a chain), ``horizon`` and ``substeps``; DSM's ``dsm_target`` ("plain" or
+    "batch"). The defaults that differ between the recipes (``steps``, ``lr_schedule``,
+    ``ema_warmup``, ``chains``) are set by each recipe.
+    """
+
+    steps: int
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_schedule: str
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: int
+    hidden: tuple[int, ...] = (128, 128)
+    learn_proposal: bool = False
+    chains: int | None
+    horizon: float = 4.0
+    substeps: int = 4
+    dsm_target: str = "plain"
+
+    def _check_training(self) -> None:
+        """Validate the shared options (each recipe calls it after its noise level's check)."""
+        check_positive_int(self.steps, "steps")
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive(self.lr, "lr")
+        if self.grad_clip is not None:
+            check_positive(self.grad_clip, "grad_clip")
+        if not 0.0 <= float(self.ema_decay) <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1]; got {self.ema_decay}")
+        check_positive_int(self.ema_warmup, "ema_warmup", minimum=0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if not isinstance(self.hidden, tuple) or not self.hidden:
+            raise ValueError(f"hidden must be a non-empty tuple of layer widths; got {self.hidden!r}")
+        for width in self.hidden:
+            check_positive_int(width, "hidden width")
+        if self.chains is not None:
+            check_positive_int(self.chains, "chains")
+        if self.dsm_target not in ("plain", "batch"):
+            raise ValueError(f"dsm_target must be 'plain' or 'batch'; got {self.dsm_target!r}")
+        check_positive(self.horizon, "horizon")
+        check_positive_int(self.substeps, "substeps")
 
 
-@dataclass(frozen=True)
-class AnnealedRecipe:
+@dataclass(frozen=True, kw_only=True)
+class AnnealedRecipe(TrainingOptions):
     """Noise-annealed training and sampling (the default recipe).
 
     Training (SPEC section 2, "Noise annealing"): one sigma per batch with log sigma ~
@@ -97,19 +125,10 @@ class AnnealedRecipe:
     sigma_min: float = 0.02
     sigma_max: float = 2.0
     steps: int = 20000
-    batch_size: int = 256
-    lr: float = 1e-3
     lr_schedule: str = "cosine"
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
     ema_warmup: int = 10
-    hidden: tuple[int, ...] = (128, 128)
-    learn_proposal: bool = False
     normalise: bool = True
     chains: int | None = 64
-    horizon: float = 4.0
-    substeps: int = 4
-    dsm_target: str = "plain"
     sample_levels: int = 500
     corrector_steps: int = 0
     snr: float = 0.16
@@ -119,7 +138,7 @@ class AnnealedRecipe:
         check_positive(self.sigma_max, "sigma_max")
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"need sigma_min < sigma_max; got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}")
-        _check_common(self)
+        self._check_training()
         check_positive_int(self.sample_levels, "sample_levels", minimum=2)
         check_positive_int(self.corrector_steps, "corrector_steps", minimum=0)
         check_positive(self.snr, "snr")
@@ -130,8 +149,8 @@ class AnnealedRecipe:
         return float(self.sigma_min)
 
 
-@dataclass(frozen=True)
-class SingleSigmaRecipe:
+@dataclass(frozen=True, kw_only=True)
+class SingleSigmaRecipe(TrainingOptions):
     """One noise level, a plain (not sigma-conditioned) field, Langevin sampling.
 
     The earlier demo: train ``MLPField(d, hidden)`` at the single ``sigma``, sample by
@@ -146,24 +165,15 @@ class SingleSigmaRecipe:
 
     sigma: float = 0.1
     steps: int = 3000
-    batch_size: int = 256
-    lr: float = 1e-3
     lr_schedule: str = "constant"
-    grad_clip: float | None = 1.0
-    ema_decay: float = 0.999
     ema_warmup: int = 0
-    hidden: tuple[int, ...] = (128, 128)
-    learn_proposal: bool = False
     chains: int | None = None
-    horizon: float = 4.0
-    substeps: int = 4
-    dsm_target: str = "plain"
     langevin_step: float = 0.01
     langevin_steps: int = 2000
 
     def __post_init__(self) -> None:
         check_positive(self.sigma, "sigma")
-        _check_common(self)
+        self._check_training()
         check_positive(self.langevin_step, "langevin_step")
         check_positive_int(self.langevin_steps, "langevin_steps", minimum=0)
 

@@ -9,6 +9,9 @@ from these strategies, and users can compose them in their own tests::
     @given(fst.gaussian_targets(fst.dims(2, 4)).flatmap(fst.rotational_fields))
     def test_my_sampler_keeps_p(field): ...
 
+One module over 400 lines on purpose: like ``hypothesis.extra.numpy``, users import one
+namespace of strategies, and the strategies share the float-assembly rules below.
+
 **How tensors are built.** Every tensor is assembled from *drawn Python floats*
 (``hypothesis.strategies.floats`` in bounded ranges, never NaN or inf) and then
 transformed deterministically: an antisymmetric matrix from its strict upper triangle, an

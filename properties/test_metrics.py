@@ -180,4 +180,4 @@ def test_mmd2_unbiased_is_unbiased(laws, ell, seed):
                 n = 60
                 u = (kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1)) - 2 * kxy.mean()
                 assert abs(float(vals[0]) - float(u)) <= 1e-12
-        assert_mean(torch.stack(vals), 0.0 if same else pop, f"E[MMD_u^2] ({'equal' if same else 'different'} laws)")
+        assert_mean(torch.tensor(vals, dtype=F64), 0.0 if same else pop, f"E[MMD_u^2] ({'equal' if same else 'different'} laws)")

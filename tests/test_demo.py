@@ -79,6 +79,18 @@ def test_help_documents_the_single_sigma_bias(capsys):
     assert "--single-sigma" in text and "1.38" in text and "0.44" in text and "--device" in text
 
 
+def test_help_ends_with_examples_that_parse(capsys):
+    """Every command's --help shows an example; each example line must be a valid call."""
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1].splitlines()
+    calls = [line.split("#")[0].split()[2:] for line in examples if line.strip().startswith("fluxbench demo")]
+    assert len(calls) >= 3
+    for argv in calls:
+        if "cuda" not in argv or torch.cuda.is_available():
+            demo.build_parser().parse_args(argv)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

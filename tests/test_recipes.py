@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from fluxbench.fields import MLPField
 from fluxbench.metrics import gaussian_w2
-from fluxbench.recipes import AnnealedRecipe, Fitted, SingleSigmaRecipe, fit, sigma_grid
+from fluxbench.recipes import AnnealedRecipe, Fitted, SingleSigmaRecipe, TrainingOptions, fit, sigma_grid
 from fluxbench.targets import Gaussian, make_target
 
 TINY = dict(steps=20, batch_size=32, hidden=(16,), sample_levels=20)
@@ -195,3 +196,21 @@ def test_bad_input_errors():
         fitted.sample(0, generator=gen(0))
     with pytest.raises(ValueError, match="sigma"):
         fitted.field(-1.0)
+
+
+def test_recipes_share_one_definition_of_their_training_options():
+    """The training options are declared and checked once (TrainingOptions) with each
+    recipe's own defaults; every field is keyword-only (19 positional fields invited
+    silent mix-ups)."""
+    shared = {f.name for f in dataclasses.fields(TrainingOptions)}
+    assert {"steps", "lr", "grad_clip", "ema_decay", "hidden", "chains", "horizon", "dsm_target"} <= shared
+    for cls, defaults in ((AnnealedRecipe, dict(steps=20000, lr_schedule="cosine", ema_warmup=10, chains=64)),
+                          (SingleSigmaRecipe, dict(steps=3000, lr_schedule="constant", ema_warmup=0, chains=None))):
+        recipe = cls()
+        assert isinstance(recipe, TrainingOptions)
+        assert {k: getattr(recipe, k) for k in defaults} == defaults
+        with pytest.raises(ValueError, match="horizon"):
+            cls(horizon=0.0)
+        with pytest.raises(TypeError, match="positional"):
+            cls(0.1)
+

@@ -138,6 +138,21 @@ def test_validation_errors_name_the_file_and_the_key(tmp_path, kwargs, key):
         assert f"key {key}" in msg, msg
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(quick='targets = ["triangle", "triangle"]'), "target names must be unique; got ['triangle', 'triangle']"),
+        (dict(quick='objectives = ["flux", "flux"]'), "objectives must be unique; got ['flux', 'flux']"),
+        (dict(extra='models = [{ name = "m", kind = "mlp" }, { name = "m", kind = "mlp", hidden = [8] }]'),
+         "model names must be unique; got ['m', 'm']"),
+    ],
+)
+def test_repeated_names_of_an_axis_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        load_suite(write(tmp_path, **kwargs))
+    assert message in str(info.value)
+
+
 def test_structural_errors(tmp_path):
     with pytest.raises(ValueError, match="must equal the file's stem"):
         load_suite(write(tmp_path, name="demo", text=BASE.format(name="other", extra=EXTRA, quick=QUICK)).rename(tmp_path / "demo.toml"))

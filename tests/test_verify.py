@@ -32,6 +32,8 @@ from fluxbench.verify import (
 from fluxbench.verify.modes import hotelling, responsibility_generator, wilson_hilferty
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_pass
 
+from tools.calibration.cases import CASE_BY_NAME, make_case, seed_samples
+
 from .conftest import load_tool
 
 F64 = torch.float64
@@ -548,50 +550,8 @@ def test_check_field_hutchinson_defect_in_high_dimension():
     assert not t.loc["defect", "passed"] and t.loc["defect", "value"] == pytest.approx(0.1 * math.sqrt(24) / 12, rel=0.3)
 
 
-# --------------------------------------------------------------------------- calibration script
-def test_calibrate_tiny_case_writes_and_resumes(tmp_path, capsys):
-    from fluxbench.verify import calibrate
-
-    out = tmp_path / "cal"
-    args = ["--cases", "iso2-score,iso2-drift", "--seeds", "2", "--n", "100", "--w2-n", "200", "--out", str(out)]
-    assert calibrate.main(args) == 0
-    table = pd.read_csv(out / "calibration.csv")
-    assert set(table["case"]) == {"iso2-score", "iso2-drift"}
-    assert {"case", "family", "target", "d", "method", "n_seeds", "rejections", "rate", "se", "w2", "meets"} <= set(
-        table.columns
-    )
-    assert len(table) == 2 * len(calibrate.METHODS) * len(calibrate.ALPHAS)
-    drift = table[table["case"] == "iso2-drift"].iloc[0]
-    assert drift["w2"] == pytest.approx(0.3, rel=1e-6)  # closed form: N(Sigma b, Sigma), |b| = 0.3
-    readme = (out / "README.md").read_text()
-    assert "command" in readme and "torch" in readme and "iso2-drift" in readme
-    capsys.readouterr()
-    assert calibrate.main(args) == 0
-    assert "0 case(s) to run" in capsys.readouterr().out
-    # --rerun-rollout recomputes the rollout on the same samples and keeps the KSD p-values
-    before = pd.read_csv(out / "pvalues.csv").sort_values(["case", "seed"]).reset_index(drop=True)
-    pv = before.copy()
-    pv["p_ksd_sum"] = -1.0  # a marker: reused columns are read back, not recomputed
-    pv.to_csv(out / "pvalues.csv", index=False)
-    assert calibrate.main(args + ["--rerun-rollout"]) == 0
-    after = pd.read_csv(out / "pvalues.csv").sort_values(["case", "seed"]).reset_index(drop=True)
-    assert (after["p_ksd_sum"] == -1.0).all()
-    assert after["p_ksd"].tolist() == before["p_ksd"].tolist()
-    assert after["p_rollout"].tolist() == before["p_rollout"].tolist()
-    # --rerun-ksd is the converse: KSD recomputed, rollout columns read back
-    pv = after.copy()
-    pv["rollout_seconds"] = -1.0
-    pv.to_csv(out / "pvalues.csv", index=False)
-    assert calibrate.main(args + ["--rerun-ksd"]) == 0
-    again = pd.read_csv(out / "pvalues.csv").sort_values(["case", "seed"]).reset_index(drop=True)
-    assert (again["rollout_seconds"] == -1.0).all() and (again["p_ksd_sum"] != -1.0).all()
-    assert again["p_ksd"].tolist() == before["p_ksd"].tolist()
-    assert again["p_rollout"].tolist() == before["p_rollout"].tolist()
-
-
 def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
     """tools/ksd_grid.py: a sub-grid's p-value from the fine pass is ksd_test's with that grid."""
-    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
     tool = load_tool("ksd_grid")
     name, seeds, n = "iso2-rot_sym", range(1000, 1003), 300
@@ -613,7 +573,6 @@ def test_ksd_grid_tool_gives_ksd_test_p_values(tmp_path):
 
 def test_grid_tool_gives_rollout_test_p_values(tmp_path):
     """tools/ksd_grid.py --test rollout: a sub-grid's p-value is rollout_test's with that grid."""
-    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
     tool = load_tool("ksd_grid")
     name, seeds, n = "iso2-drift", range(1000, 1002), 200
@@ -681,7 +640,6 @@ def test_mode_test_functions_see_wrong_mixing_weights_that_kernels_miss():
     """triangle-weights (calibration samples, N = 2000): the kernels alone do not reject on
     these seeds, the mode test functions and hence ksd_test do (calibration: 1.00 over
     seeds 0-99, kernels alone 0.02); the same samples under the true score pass."""
-    from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 
     target, wrong, _ = make_case(CASE_BY_NAME["triangle-weights"])
     for s in (0, 1):
@@ -737,26 +695,3 @@ def test_default_method_is_the_combined_test_the_readme_gates_on():
     x = p.sample(200, generator=gen(3))
     rep = stationarity_test(p.score, x, seed=0, n_steps=50, step_size=0.01)
     assert rep.method == "combined" and set(rep.sub_reports) == {"ksd", "rollout"}
-
-
-@pytest.mark.parametrize("damage", ["cut-mid-row", "short-row", "foreign"])
-def test_calibration_refuses_a_truncated_or_foreign_table(tmp_path, damage):
-    """A calibration.csv cut mid-row was read with NaN padding and resumed from as if complete."""
-    from fluxbench.verify import calibrate
-
-    out = tmp_path / "cal"
-    out.mkdir()
-    good = (
-        "case,seed,p_ksd,p_rollout\n"
-        "iso2-score,0,0.5,0.4\n"
-        "iso2-score,1,0.3,0.2\n"
-    )
-    text = {
-        "cut-mid-row": good[:-6],
-        "short-row": good + "iso2-score,2\n",
-        "foreign": "a,b,c\n1,2,3\n",
-    }[damage]
-    (out / "pvalues.csv").write_text(text)
-    args = ["--cases", "iso2-score", "--seeds", "2", "--n", "100", "--out", str(out)]
-    with pytest.raises(ValueError, match="truncated|corrupted|not a calibration table"):
-        calibrate.main(args)

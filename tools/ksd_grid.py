@@ -1,12 +1,13 @@
 """Compare lengthscale grids of the KSD test (or the rollout's paired MMD) on the calibration cases, on seeds apart from the table's.
 
-    python tools/ksd_grid.py --jobs 2                          # defaults below, about 20 min here
-    python tools/ksd_grid.py --test rollout --jobs 2           # the rollout's MMD, seeds 1000-1019
-    python tools/ksd_grid.py --cases 'iso2-*' --seeds 1000 1020 --out /tmp/grid
-    python tools/ksd_grid.py --render                          # rewrite README.md from rates.csv
+    python -m tools.ksd_grid --jobs 2                          # defaults below, about 20 min here
+    python -m tools.ksd_grid --test rollout --jobs 2           # the rollout's MMD, seeds 1000-1019
+    python -m tools.ksd_grid --cases 'iso2-*' --seeds 1000 1020 --out /tmp/grid
+    python -m tools.ksd_grid --render                          # rewrite README.md from rates.csv
 
-For every case and seed the samples are those of ``fluxbench.verify.calibrate``
-(:func:`~fluxbench.verify.calibrate.seed_samples`), and one pass of the KSD
+Run from the repository root (it imports the calibration's cases, ``tools.calibration``).
+For every case and seed the samples are those of ``python -m tools.calibration``
+(:func:`tools.calibration.cases.seed_samples`), and one pass of the KSD
 (:func:`fluxbench.verify.stein.ksd_bootstrap`, the same code as ``ksd_test``)
 gives the standardised statistic z_l and its wild-bootstrap draws z*_{l,b} for every
 lengthscale of a fine grid (``FINE_FACTORS`` x the median heuristic), with the
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import io
-import multiprocessing as mp
 import platform
 import sys
 import time
@@ -44,15 +44,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fluxbench._io import write_text
+from fluxbench.fileio import write_text
 from fluxbench._random import generator_from_seed
 from fluxbench.kernels import median_bandwidth
 from fluxbench.metrics.mmd import paired_mmd_bootstrap
 from fluxbench.ustat import default_n_bootstrap, max_p_values
-from fluxbench.verify.calibrate import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
 from fluxbench.verify._inputs import evaluate_field
 from fluxbench.verify.rollout import rollout_chains
 from fluxbench.verify.stein import DEFAULT_LENGTHSCALE_FACTORS, ksd_bootstrap, resolve_lengthscales
+
+from tools.calibration.cases import CASE_BY_NAME, CASES, make_case, seed_samples, select_cases
+from tools.calibration.run import map_jobs
 
 FINE_FACTORS = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 4.0)
 GRIDS = {
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = range(*(args.seeds or default_seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python tools/ksd_grid.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.ksd_grid " + " ".join(argv if argv is not None else sys.argv[1:])
     date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     jobs = [(args.test, c, seeds, args.n) for c in cases]
     rows: list[dict] = []
@@ -173,13 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(out, pd.DataFrame(rows), command, date, seconds, seeds, args.n)
         print(f"{name}: {secs:.0f} s", flush=True)
 
-    if args.jobs <= 1:
-        for job in jobs:
-            record(*_job(job))
-    else:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            for res in pool.imap_unordered(_job, jobs):
-                record(*res)
+    for res in map_jobs(_job, jobs, args.jobs):
+        record(*res)
     return 0
 
 

@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxbench._io import atomic_write
+from fluxbench.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("properties", "tests")
@@ -119,7 +119,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "transition_softmax_axis",
-        "fluxbench/objectives/batch_score.py",
+        "fluxbench/objectives/batch_dense.py",
         "out_t.addmm_((g[b] / w.sum(1, keepdim=True)).T, w)",
         "out_t.addmm_(g[b].T, w / w.sum(0, keepdim=True))",
         "transition weights normalised over chains instead of anchors (dense transition block)",
@@ -161,7 +161,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "third_moment_sign",
-        "fluxbench/objectives/batch_score.py",
+        "fluxbench/objectives/batch_kernel.py",
         ".add_(third, alpha=-1.0 / var)",
         ".add_(third, alpha=1.0 / var)",
         "sign of the third-moment term in grad D_s",

@@ -1,7 +1,7 @@
 """Why the KSD test misses ``triangle-weights``: which Stein test functions could see it.
 
-    python tools/stein_blindness.py                    # population figures, about 1 min here
-    python tools/stein_blindness.py --learned 100      # plus a learned test on 100 seeds (about 5 min)
+    python -m tools.stein_blindness                    # population figures, about 1 min here
+    python -m tools.stein_blindness --learned 100      # plus a learned test on 100 seeds (about 5 min)
 
 For the generator L_f g = f . grad g + Lap g (SPEC section 1) every test function g gives
 a Stein test: under H0, E_p[L_f g] = 0, and with N samples the statistic
@@ -40,11 +40,12 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from fluxbench._io import write_text
+from fluxbench.fileio import write_text
 from fluxbench.kernels import median_bandwidth
 from fluxbench.ustat import max_p_value, rademacher_multipliers
-from fluxbench.verify.calibrate import CASE_BY_NAME, make_case, seed_samples
 from fluxbench.verify.modes import hotelling, mode_statistics, responsibility_generator
+
+from tools.calibration.cases import CASE_BY_NAME, make_case, seed_samples
 
 N_TEST = 2000
 ALPHA = 0.01

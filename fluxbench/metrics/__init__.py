@@ -2,7 +2,10 @@
 
 All sample metrics take two point clouds ``x`` of shape (N, d) and ``y`` of shape (M, d)
 with the same d, dtype and device, validate them (finite, non-empty), and follow the
-same keyword conventions (``lengthscale``, ``chunk_size``, ``generator``/``seed``).
+same keyword conventions (``lengthscale``, ``chunk_size``, ``generator``/``seed``). The
+three scores :func:`w2`, :func:`sliced_w2` and :func:`mmd2_unbiased` return a Python
+float and also take samples of shape (N, *event_shape), for example images (N, C, H, W),
+compared as (N, D) points with D = prod(event_shape).
 
 * :func:`w2`, :func:`sliced_w2` -- exact (POT network simplex, CPU float64) and sliced
   2-Wasserstein distances (``wasserstein.py``).

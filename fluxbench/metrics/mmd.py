@@ -4,6 +4,10 @@ SPEC section 5 (rollout test: compare where a sampler's chains end with where th
 started, :func:`mmd_paired_test`, or with held-out samples, :func:`mmd_permutation_test`).
 Reference: Gretton, Borgwardt, Rasch, Schoelkopf and Smola, "A kernel two-sample test",
 JMLR 13 (2012).
+
+One module over 400 lines on purpose: the estimate and its three tests share one rule for
+the kernel's lengthscales and one pooled centring, which a split would have to export as
+public API or duplicate.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from fluxbench._pairwise import (
     working_dtype,
 )
 from fluxbench._pairwise.rbf import rbf_block
-from fluxbench.metrics._common import check_pair
+from fluxbench.metrics._common import check_pair, flatten_samples
 from fluxbench.ustat import BlockFn, StandardisedU, default_n_bootstrap, wild_bootstrap_max
 
 __all__ = [
@@ -108,7 +112,7 @@ def mmd2_unbiased(
     lengthscale: float | Tensor | None = None,
     chunk_size: int = 1024,
     generator: torch.Generator | None = None,
-) -> Tensor:
+) -> float:
     """Unbiased U-statistic estimate of MMD^2 with the RBF kernel (Gretton et al. 2012, Lemma 6).
 
     ``MMD_u^2 = 1/(N(N-1)) sum_{i != j} k(x_i, x_j) + 1/(M(M-1)) sum_{i != j} k(y_i, y_j)
@@ -121,34 +125,41 @@ def mmd2_unbiased(
     heuristic subsamples with ``generator``: pass a generator or a lengthscale for
     reproducible values). The three sums are taken by
     :func:`fluxbench.kernels.chunked_pairwise_sum` in blocks of ``chunk_size``, in at least
-    float32 with autocast disabled. Differentiable with respect to x and y.
+    float32 with autocast disabled and without autograd. A score, like :func:`~fluxbench.metrics.w2` and
+    :func:`~fluxbench.metrics.sliced_w2`: the result is a Python float (one value for records and tables; the
+    tests' statistics, which feed further computation, stay tensors).
 
     Args:
-        x: (N, d) points, N >= 2, finite.
-        y: (M, d) points, M >= 2, same d, dtype and device.
+        x: (N, d) points, N >= 2, finite; a sample of shape (N, *event_shape), for example
+            images (N, C, H, W), is compared as (N, D) points, D = prod(event_shape).
+        y: (M, d) points, M >= 2 (or (M, *event_shape), the same event shape), same dtype
+            and device.
         lengthscale: l > 0, or None for the median heuristic.
         chunk_size: block size of the pairwise sums, >= 1.
         generator: random source of the median-heuristic subsample (on ``x.device``).
 
     Returns:
-        0-d tensor in ``working_dtype(x.dtype)`` (float32 for half/bfloat16 inputs).
+        MMD_u^2 as a float, computed in ``working_dtype(x.dtype)`` (float32 for
+        half/bfloat16 inputs); it can be negative.
 
     Raises:
-        ValueError: on bad points (NaN, empty, mismatched d/dtype/device), fewer than 2
-            points in x or y, ``lengthscale <= 0`` or ``chunk_size < 1``.
+        ValueError: on bad points (NaN, empty, mismatched d/dtype/device, different event
+            shapes), fewer than 2 points in x or y, ``lengthscale <= 0`` or ``chunk_size < 1``.
 
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> x, y = torch.randn(500, 2, generator=g), torch.randn(500, 2, generator=g)
-        >>> bool(abs(mmd2_unbiased(x, y)) < 0.01), bool(mmd2_unbiased(x, y + 1.0) > 0.1)
+        >>> bool(abs(mmd2_unbiased(x, y)) < 0.01), mmd2_unbiased(x, y + 1.0) > 0.1
         (True, True)
+        >>> type(mmd2_unbiased(x, y)).__name__
+        'float'
     """
-    check_pair(x, y, min_points=2)
+    x, y = check_pair(*flatten_samples(x, y), min_points=2)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_generator(generator, x.device)
     unit = _unit_scale(x, y)
-    x, y = x / unit, y / unit
+    x, y = x.detach() / unit, y.detach() / unit
     ell = _lengthscale(x, y, lengthscale, generator, unit)
     inv_two_l2 = 0.5 / ell**2
 
@@ -157,10 +168,11 @@ def mmd2_unbiased(
 
     xw, yw = _centred_pool(x, y)
     n, m = xw.shape[0], yw.shape[0]
-    sxx = chunked_pairwise_sum(block, xw, xw, chunk_size=chunk_size, exclude_diagonal=True)
-    syy = chunked_pairwise_sum(block, yw, yw, chunk_size=chunk_size, exclude_diagonal=True)
-    sxy = chunked_pairwise_sum(block, xw, yw, chunk_size=chunk_size)
-    return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m)
+    with torch.no_grad():
+        sxx = chunked_pairwise_sum(block, xw, xw, chunk_size=chunk_size, exclude_diagonal=True)
+        syy = chunked_pairwise_sum(block, yw, yw, chunk_size=chunk_size, exclude_diagonal=True)
+        sxy = chunked_pairwise_sum(block, xw, yw, chunk_size=chunk_size)
+    return float(sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m))
 
 
 def mmd_permutation_test(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fluxbench._checks import check_positive_int
-from fluxbench.metrics._common import check_directions, check_pair
+from fluxbench.metrics._common import check_directions, check_pair, flatten_samples
 
 __all__ = ["W2_MAX_PAIRS", "W2_NUM_ITER_MAX", "w2", "sliced_w2"]
 
@@ -72,8 +72,9 @@ def w2(
     it next to :func:`fluxbench.metrics.noise_floor`.
 
     Args:
-        x: (N, d) points, finite.
-        y: (M, d) points, same d, dtype and device.
+        x: (N, d) points, finite; a sample of shape (N, *event_shape), for example images
+            (N, C, H, W), is compared as (N, D) points, D = prod(event_shape).
+        y: (M, d) points (or (M, *event_shape), the same event shape), same dtype and device.
         a: optional (N,) nonnegative weights of x summing to 1 (uniform 1/N by default).
         b: optional (M,) nonnegative weights of y summing to 1 (uniform 1/M by default).
         max_pairs: refuse problems with N * M above this (default :data:`W2_MAX_PAIRS`
@@ -83,7 +84,7 @@ def w2(
         W2 as a float >= 0.
 
     Raises:
-        ValueError: on bad points or weights, or N * M > ``max_pairs``.
+        ValueError: on bad points or weights, different event shapes, or N * M > ``max_pairs``.
         RuntimeError: if the solver does not report an optimal solution (for example
             :data:`W2_NUM_ITER_MAX` reached).
 
@@ -93,7 +94,7 @@ def w2(
         >>> round(w2(x, x + torch.tensor([3.0, 4.0], dtype=torch.float64)), 6)  # a translation by (3, 4)
         5.0
     """
-    check_pair(x, y)
+    x, y = check_pair(*flatten_samples(x, y))
     max_pairs = check_positive_int(max_pairs, "max_pairs")
     n, m = x.shape[0], y.shape[0]
     if n * m > max_pairs:
@@ -143,8 +144,8 @@ def sliced_w2(
     ones as :func:`fluxbench.metrics.gaussian_sliced_w2`, for a paired comparison).
 
     Args:
-        x: (N, d) points, finite.
-        y: (M, d) points, same d, dtype and device.
+        x: (N, d) points, finite, or a sample (N, *event_shape) compared as (N, D) points.
+        y: (M, d) points (or (M, *event_shape), the same event shape), same dtype and device.
         n_projections: number K of random directions, >= 1 (ignored with ``directions``).
         seed: integer seed of the directions; None draws from POT's unseeded backend
             generator (not reproducible).
@@ -154,10 +155,10 @@ def sliced_w2(
         SW2 as a float >= 0.
 
     Raises:
-        ValueError: on bad points, ``n_projections < 1``, a non-integer seed or bad
-            directions.
+        ValueError: on bad points, different event shapes, ``n_projections < 1``, a
+            non-integer seed or bad directions.
     """
-    check_pair(x, y)
+    x, y = check_pair(*flatten_samples(x, y))
     n_projections = check_positive_int(n_projections, "n_projections")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ValueError(f"seed must be an int or None; got {seed!r}")

@@ -1,7 +1,8 @@
 """Training objectives (SPEC section 2).
 
 * :mod:`.flux`: :func:`flux_matching_loss`, the per-sample Flux Matching loss.
-* :mod:`.batch_score`: the batch score s_hat of SPEC eq. (5) and its derivatives.
+* :mod:`.batch_score`: the batch score s_hat of SPEC eq. (5) and its derivatives; the
+  pairwise backends behind it (:mod:`.batch_kernel`, :mod:`.batch_dense`, :mod:`.batch_fused`).
 * :mod:`.dsm`: :func:`dsm_loss`, the denoising score matching baseline.
 * :mod:`.proposal`: the learned time proposal and loss normaliser.
 * :mod:`.noise`: distributions of sigma for noise annealing.

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fluxbench._io import atomic_write
+from fluxbench.fileio import atomic_write
 
 __all__ = ["COLUMNS", "KEY", "MAGIC", "RecordsError", "Records", "merge", "empty_records"]
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from fluxbench._io import atomic_write, write_text
+from fluxbench.fileio import atomic_write, write_text
 from fluxbench.suites.claims import ClaimResult, results_frame
 from fluxbench.suites.records import COLUMNS
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "KINDS", "TIERS", "OBJECTIVES", "METRICS", "MODEL_KINDS", "TOP_KEYS", "AXES", "BUDGET", "DEFAULTS",
-    "TargetSpec", "ModelSpec", "spec_error", "target_spec", "model_spec", "check_axis", "check_tier",
+    "TargetSpec", "ModelSpec", "spec_error", "target_spec", "model_spec", "check_unique", "check_axis", "check_tier",
     "check_recipe", "freeze", "thaw", "fmt_value", "is_int", "is_num", "POS_NUM",
 ]  # fmt: skip
 
@@ -239,24 +239,25 @@ def model_spec(path: Path, v: Any, key: str) -> ModelSpec:
     return ModelSpec(name, kind, tuple(hidden), float(rotation))
 
 
+def check_unique(path: Path, key: str, what: str, names: list) -> None:
+    """Refuse a list with a repeated entry (the runs of a suite are keyed by these names)."""
+    if len(set(names)) != len(names):
+        raise spec_error(path, key, f"{what} must be unique; got {names!r}")
+
+
 def check_axis(path: Path, kind: str, key: str, name: str, value: Any) -> None:
     if name == "targets":
         if not isinstance(value, list) or not value:
             raise spec_error(path, key, f"must be a non-empty list of targets; got {value!r}")
-        names = [target_spec(path, v, key).name for v in value]
-        if len(set(names)) != len(names):
-            raise spec_error(path, key, f"target names must be unique; got {names}")
+        check_unique(path, key, "target names", [target_spec(path, v, key).name for v in value])
     elif name == "objectives":
         if not isinstance(value, list) or not value or any(o not in OBJECTIVES[kind] for o in value):
             raise spec_error(path, key, f"must be a non-empty list drawn from {', '.join(OBJECTIVES[kind])} (kind {kind!r}); got {value!r}")
-        if len(set(value)) != len(value):
-            raise spec_error(path, key, f"objectives must be unique; got {value!r}")
+        check_unique(path, key, "objectives", value)
     elif name == "models":
         if not isinstance(value, list) or not value:
             raise spec_error(path, key, f"must be a non-empty list of model tables; got {value!r}")
-        names = [model_spec(path, v, key).name for v in value]
-        if len(set(names)) != len(names):
-            raise spec_error(path, key, f"model names must be unique; got {names}")
+        check_unique(path, key, "model names", [model_spec(path, v, key).name for v in value])
     elif name == "seeds":
         ok = (is_int(value) and value >= 1) or (
             isinstance(value, list) and value and all(is_int(s) and s >= 0 for s in value) and len(set(value)) == len(value)

@@ -97,7 +97,7 @@ class CloudScorer:
             elif m == "sliced_w2":
                 v = sliced_w2(x, ref, seed=self.seed)
             elif m == "mmd" and not with_p:
-                v = float(mmd2_unbiased(x, ref))
+                v = mmd2_unbiased(x, ref)
             elif m == "mmd":
                 g = torch.Generator(device=x.device).manual_seed(self.seed)
                 res = mmd_permutation_test(x, ref, n_permutations=self.n_permutations, generator=g)

@@ -11,7 +11,11 @@
   (SPEC eq. (3)) and div(p u) = p r, when the score or log density is known.
 * :func:`check_field` -- a battery of checks returning a pandas table (like scikit-learn's
   ``check_estimator``); :mod:`fluxbench.testing` turns it into pytest parametrisations.
-* ``python -m fluxbench.verify.calibrate`` -- measures size and power of the tests.
+* :func:`combined_p_value` -- the ``"combined"`` p-value of a KSD and a rollout p-value
+  run separately (Bonferroni).
+
+The size and power of the tests are measured by ``python -m tools.calibration`` (a tool of
+the repository, outside the package; ``results/calibration/``).
 """
 
 from fluxbench.verify.checks import CHECKS, check_field, run_check
@@ -21,6 +25,7 @@ from fluxbench.verify.stationarity import (
     KSD_OPTIONS,
     METHODS,
     ROLLOUT_OPTIONS,
+    combined_p_value,
     default_eps_factor,
     ksd_test,
     rollout_schedule,
@@ -34,6 +39,7 @@ __all__ = [
     "StationarityReport",
     "ksd_test",
     "rollout_test",
+    "combined_p_value",
     "rollout_schedule",
     "default_eps_factor",
     "METHODS",

@@ -82,7 +82,7 @@ def ksd_test(
     pass ``lengthscale_factors`` for other scales. A sum of kernels was the alternative; it is
     dominated by whichever lengthscale has the largest null spread and averages the signal
     of one lengthscale with the noise of the others. The calibration
-    (``python -m fluxbench.verify.calibrate``, ``results/calibration/``) measures the max
+    (``python -m tools.calibration``, ``results/calibration/``) measures the max
     against the plain median-bandwidth test and against the sum of standardised
     statistics; both are recorded in ``details`` (``p_value_median``, ``p_value_sum``) from
     the same pass at no extra cost.

@@ -1,4 +1,8 @@
-"""Atomic file writes: an interrupted run never leaves a half-written record behind."""
+"""Atomic file writes: an interrupted run never leaves a half-written record behind.
+
+For everything that writes results (records, reports, checkpoints, the tools' tables):
+:func:`write_text` and :func:`write_json` replace a file whole or not at all.
+"""
 
 from __future__ import annotations
 

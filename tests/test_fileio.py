@@ -1,4 +1,4 @@
-"""Atomic writes (fluxbench._io): complete files only, with ordinary permissions."""
+"""Atomic writes (fluxbench.fileio): complete files only, with ordinary permissions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fluxbench._io import atomic_write, write_text
+from fluxbench.fileio import atomic_write, write_text
 
 
 def test_written_file_has_the_mode_open_would_give(tmp_path):
