@@ -3,6 +3,10 @@
 Dense B x B softmaxes and full autograd through the batch score (the double backward
 the library avoids). Used only to check ``flux_matching_loss`` draw for draw: it
 consumes the generator in the same order (anchor noise, time, chain noise, probe).
+
+Squared distances are explicit differences, |a_i - b_j|^2 = sum_k (a_ik - b_jk)^2, not
+``torch.cdist``: the loss is differentiated twice through the batch score, and torch 2.13 and
+older have no derivative for ``_cdist_backward`` (seen with 2.11 and 2.13).
 """
 
 from __future__ import annotations
@@ -12,12 +16,17 @@ import math
 import torch
 
 
+def sq_dist(a, b):
+    """|a_i - b_j|^2 for a (n, d), b (m, d): (n, m), by explicit differences (twice differentiable)."""
+    return (a[:, None, :] - b[None, :, :]).square().sum(-1)
+
+
 def reference_flux_loss(field, x, sigma, *, horizon=4.0, substeps=4, divergence="hutchinson", t=None, generator=None):
     b, d = x.shape
     var = sigma * sigma
 
     def s_hat(z):
-        w = torch.softmax(-0.5 * torch.cdist(z, x).square() / var, dim=1)
+        w = torch.softmax(-0.5 * sq_dist(z, x) / var, dim=1)
         return (w @ x - z) / var
 
     x0 = x + sigma * torch.randn((b, d), generator=generator, dtype=x.dtype)
@@ -48,6 +57,6 @@ def reference_flux_loss(field, x, sigma, *, horizon=4.0, substeps=4, divergence=
     rho = math.exp(-t)
     v = var * (1 - rho**2)
     mu = x0 + (1 - rho) * var * s_hat(x0)
-    w_t = torch.softmax(-0.5 * torch.cdist(mu, y.detach()).square() / v, dim=0)
+    w_t = torch.softmax(-0.5 * sq_dist(mu, y.detach()) / v, dim=0)
     g_hat = rho * inv_q * (w_t @ g)
     return -2 * ((field(x0) - s_hat(x0)) * g_hat).sum(1)

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from fluxbench import pairwise
+from fluxbench._pairwise import MAX_BLOCK_ENTRIES, block_rows, use_compiled
 from fluxbench._pairwise import blocks as pairwise_blocks
+from fluxbench._pairwise.attention import attend
 from fluxbench._pairwise import frames as pairwise_frames
 from fluxbench.objectives.batch_score import DenseBatchKernel, FusedBatchKernel, batch_score, make_batch_kernel
 
 # the module itself (fluxbench.objectives re-exports a function of the same name)
-batch_score_module = importlib.import_module("fluxbench.objectives.batch_score")
+batch_kernel_module = importlib.import_module("fluxbench.objectives.batch_kernel")
 
 F64 = torch.float64
 
@@ -168,7 +170,7 @@ def finest_frames(monkeypatch):
     """Float64 meets the rounding bound with one frame; force the finest grouping instead,
     and the fused (attention) path even where one dense block would be cheaper."""
     monkeypatch.setattr(pairwise_frames, "_ROUNDING_TOL", 0.0)
-    monkeypatch.setattr(batch_score_module, "_DENSE_PAIRS", 0)
+    monkeypatch.setattr(batch_kernel_module, "DENSE_PAIRS", 0)
 
 
 def test_dense_kernel_rows_far_from_every_key_and_outside_the_expanded_form():
@@ -299,7 +301,7 @@ def test_transition_sum_stays_exact_for_narrow_transition_kernels(use_attention,
     data kernel the frames were sized for. Every strategy setting must then still match the
     float64 brute force (the expanded form in float32 erred by 1.6e3 x max |out| at d = 2,
     t = 1e-6, and overflowed at d = 64)."""
-    n, sigma = 1024, 0.3  # n^2 above _DENSE_PAIRS: the pairwise module's sums, not the dense block
+    n, sigma = 1024, 0.3  # n^2 above DENSE_PAIRS: the pairwise module's sums, not the dense block
     x = torch.randn(n, d, generator=gen(40), dtype=F64)
     kern = FusedBatchKernel(x.float(), sigma)
     anchors = kern.rows(x) + sigma * torch.randn(n, d, generator=gen(41), dtype=F64)
@@ -321,3 +323,94 @@ def test_narrow_differentiable_transition_sum_is_refused():
         pairwise.kernel_transition_sum(
             frames.permute(x), frames.permute(y), 1e-9, frames.permute(x), frames.own, frames=frames,
         )
+
+
+@pytest.mark.parametrize("cols,chunk", [(1, None), (4096, None), (4096, 100), (1 << 30, 7)])
+def test_block_rows_bound_a_block_by_the_chunk_and_the_pair_budget(cols, chunk):
+    rows = block_rows(cols, chunk)
+    assert rows >= 1
+    assert rows == 1 or rows * cols <= MAX_BLOCK_ENTRIES
+    assert chunk is None or rows <= chunk
+
+
+@pytest.mark.parametrize("chunk", [5, 13, 30])
+def test_attention_in_row_slices_and_group_slices_equals_one_call(chunk):
+    """attend's query blocks (row slices of one group below L rows, whole groups above)
+    give the one-call result to rounding: the same softmax sums per query, reordered.
+
+    Bound: each output is a softmax-weighted mean of values; a score of e products errs
+    by gamma_(e+1) S (S the largest absolute score), moving the weights by ~4 gamma S in
+    l1, and the sums of M terms add gamma_M: (4 (e + 1) S + M + 10) u max|v| per call, twice
+    that between two calls."""
+    g = gen(31)
+    q = torch.randn(3, 13, 2, generator=g, dtype=F64)
+    k = torch.randn(3, 40, 2, generator=g, dtype=F64)
+    v = torch.randn(1, 40, 3, generator=g, dtype=F64)
+    bias = torch.randn(3, 40, generator=g, dtype=F64)
+    one = attend(q, k, v, bias)
+    sliced = attend(q, k, v, bias, chunk_size=chunk)
+    s = float((q.abs() @ k.abs().transpose(1, 2) + bias.abs()[:, None]).max())
+    bound = 2 * (4 * 3 * s + 40 + 10) * torch.finfo(F64).eps / 2 * float(v.abs().max())
+    assert sliced.shape == one.shape
+    assert float((sliced - one).abs().max()) <= bound
+
+
+@pytest.mark.slow  # compiles (about 10-15 s per dtype and width on first use)
+@pytest.mark.parametrize("dtype,features", [(torch.float32, False), (F64, False), (F64, True)])
+def test_compiled_block_means_match_the_eager_blocks(dtype, features):
+    """``use_compiled(True)``: the block means in one compiled loop give the eager blocks'
+    sums to rounding.
+
+    Bound per implementation (u the unit roundoff): a log-kernel from K = d + 2 products of
+    augmented coordinates errs by gamma_K S, S <= 2 R^2 / var for points within R of the
+    frame centre; an exp of it moves the normalised weights by ~4 gamma_K S in l1, and the
+    sums over M keys add gamma_M: (4 K S + M + 10) u max|v|, twice that between the two."""
+    n, d, var = 600, 2, 0.09  # 360k pairs: above the block threshold, so CPU takes blocks
+    x = torch.randn(n, d, generator=gen(50), dtype=F64).to(dtype)  # one cluster: one frame
+    z = x + 0.3 * torch.randn(n, d, generator=gen(51), dtype=F64).to(dtype)
+    feat = (lambda k: torch.cat([k, k.square()], -1)) if features else None
+    frames = pairwise.Frames(x, n_keys=n, width=2 * d + 1, scale=var**0.5)
+    keys = pairwise.KeyFrame(frames, x, var, dtype)
+    zq = frames.permute(z)
+
+    def means():
+        out = pairwise.kernel_mean(zq, keys, var, feat)
+        return out if feat is None else out[0]
+
+    with pairwise.use_attention(False):
+        eager = means()
+        with use_compiled(True):
+            compiled = means()
+    assert frames.n_groups == 1  # one frame: R below is measured from its centre
+    centre = x.mean(0)
+    r = float(torch.cat([x - centre, z - centre]).norm(dim=1).max())
+    v_max = float((keys.k if feat is None else feat(keys.k)).abs().max()) + (float(centre.abs().max()) if feat is None else 0.0)
+    bound = 2 * (4 * (d + 2) * 2 * r * r / var + n + 10) * torch.finfo(dtype).eps / 2 * v_max
+    assert compiled.shape == eager.shape
+    assert float((compiled - eager).abs().max()) <= bound
+
+
+@pytest.mark.slow  # compiles, as above
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_compiled_transition_sums_match_the_eager_blocks(dtype):
+    """``use_compiled(True)``: the transition sums (masses, then the swapped product) give
+    the eager blocks' sums to rounding. Bound as for the means, with the normalisation over
+    the n chains' masses adding gamma_n: 2 (4 K S + 2 n + 10) u max|g| (each output is a
+    weighted sum of g with weights summing to at most n... times max|g|, so n times that)."""
+    n, d, var = 600, 2, 0.09
+    x = torch.randn(n, d, generator=gen(52), dtype=F64).to(dtype)
+    y = x + 0.2 * torch.randn(n, d, generator=gen(53), dtype=F64).to(dtype)
+    g = torch.randn(n, d, generator=gen(54), dtype=F64).to(dtype)
+    frames = pairwise.Frames(x, scale=var**0.5)
+    args = (frames.permute(x), frames.permute(y), var, frames.permute(g), frames.own)
+    kwargs = dict(frames=frames, anchor_bias=frames.key_bias, chain_bias=frames.key_bias)
+    with pairwise.use_attention(False):
+        eager = pairwise.kernel_transition_sum(*args, **kwargs)
+        with use_compiled(True):
+            compiled = pairwise.kernel_transition_sum(*args, **kwargs)
+    assert frames.n_groups == 1
+    centre = x.mean(0)
+    r = float(torch.cat([x - centre, y - centre]).norm(dim=1).max())
+    bound = 2 * n * (4 * (d + 2) * 2 * r * r / var + 2 * n + 10) * torch.finfo(dtype).eps / 2 * float(g.abs().max())
+    assert compiled.shape == eager.shape
+    assert float((compiled - eager).abs().max()) <= bound

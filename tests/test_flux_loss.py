@@ -30,7 +30,7 @@ def one_frame(monkeypatch):
     """One local frame: rows keep their order, so draws align with the reference. The fused
     backend is forced onto its attention path even where a dense block would be cheaper."""
     monkeypatch.setattr(pairwise_frames, "_MIN_GROUP", 10**9)
-    monkeypatch.setattr(importlib.import_module("fluxbench.objectives.batch_score"), "_DENSE_PAIRS", 0)
+    monkeypatch.setattr(importlib.import_module("fluxbench.objectives.batch_kernel"), "DENSE_PAIRS", 0)
 
 
 # ---------------------------------------------------------------- reference, draw for draw
@@ -276,7 +276,7 @@ def test_caches_first_filled_in_inference_mode_serve_normal_mode():
     """The pairwise block buffer and the monomial index tables are shared across calls: made
     inside the loss's inference mode, they must still be ordinary tensors, or a later call
     outside it that writes to the buffer fails."""
-    bs = importlib.import_module("fluxbench.objectives.batch_score")
+    bs = importlib.import_module("fluxbench.objectives.batch_fused")
     pairwise_blocks._workspace.buffers = {}
     bs._monomials.cache_clear()
     x = torch.randn(2048, 2, generator=gen(0))
@@ -421,3 +421,40 @@ def test_overflowing_loss_is_an_error_not_nan(sigma):
         flux_matching_loss(MLPField(2), x, sigma, generator=gen(1))
     loss = flux_matching_loss(MLPField(2).double(), x.double(), sigma, generator=gen(1))
     assert torch.isfinite(loss).all()
+
+
+# ---------------------------------------------------------------- memory linear in B
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage (bytes) any operator returns: what was materialised."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.nbytes = max(self.nbytes, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("d", [2, 8])
+def test_largest_intermediate_is_a_chunk_of_rows_not_the_batch_square(one_torch_thread, strategy, d):
+    """Every pairwise pass takes at most ``chunk_size`` query rows against the B keys, so
+    the largest tensor any operator returns is O(B * chunk), never B x B.
+
+    Bound: two stacked (chunk, B) blocks (the moment pass at d > 4 weights two directions
+    in one tensor; 4 MiB measured here) or one in float64 (a narrow kernel escalates its
+    products): 2 * 2 * chunk * B * 4 bytes, 8x below B x B here.
+    """
+    b, chunk = 4096, 128
+    x = torch.randn(b, d, generator=gen(0))
+    field = MLPField(d, hidden=(16,))
+    with _LargestTensor() as rec:
+        loss = flux_matching_loss(field, x, 0.3, backend="fused", chunk_size=chunk, generator=gen(1))
+    assert bool(loss.isfinite().all())
+    bound = 2 * 2 * chunk * b * x.element_size()
+    assert rec.nbytes <= bound < b * b * x.element_size(), (rec.nbytes, bound)

@@ -309,3 +309,54 @@ def test_cli_help_has_an_example(capsys):
         assert info.value.code == 0 and "example:" in out, (cmd, out)
     res = subprocess.run([sys.executable, "-m", "fluxbench.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and all(c in res.stdout for c in ("suite", "report", "gate"))
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cli_threads_are_set_before_the_work(monkeypatch, restore_threads, tmp_path, capsys):
+    """``suite run``, ``gate`` and ``report`` run their work at ``--threads`` (default 1), whatever
+    the process had before; a non-positive or non-integer value is a usage error."""
+    import importlib
+
+    import pandas as pd
+
+    from fluxbench.suites.cli import main_report
+
+    gate_mod = importlib.import_module("fluxbench.suites.gate")  # the package re-exports a function of that name
+
+    seen = []
+
+    def record(result):
+        def fn(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return result
+        return fn
+
+    monkeypatch.setattr(runner_mod, "run_suite", record(pd.DataFrame()))
+    monkeypatch.setattr(gate_mod, "gate", record(([], None)))
+    monkeypatch.setattr(gate_mod, "load_records", record(pd.DataFrame()))
+    d = tmp_path / "suites"
+    d.mkdir()
+    (d / "tiny.toml").write_text(SAMPLING.format(name="tiny"))
+    common = ["--suites-dir", str(d), "--out", str(tmp_path / "out")]
+    for threads, extra in ((1, []), (2, ["--threads", "2"])):  # 1: the documented default
+        torch.set_num_threads(3)
+        assert main_suite(["run", "tiny", "--quiet", *common, *extra]) == 0
+        torch.set_num_threads(3)
+        main_gate(["tiny", "--quiet", *common, *extra])
+        torch.set_num_threads(3)
+        with pytest.raises(SystemExit):  # no records: a usage error, after the threads were set
+            main_report([*common, *extra])
+        assert seen == [threads] * 3, (extra, seen)
+        seen.clear()
+    capsys.readouterr()
+    for bad in ("0", "-1", "two"):
+        for main, argv in ((main_suite, ["run", "tiny"]), (main_gate, []), (main_report, [])):
+            with pytest.raises(SystemExit) as info:
+                main([*argv, *common, "--threads", bad])
+            assert info.value.code == 2 and "--threads" in capsys.readouterr().err

@@ -28,6 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def missing_precondition(root: Path = ROOT) -> str | None:
+    """Why this tool cannot run here, or None: it archives a revision with git, so it
+    needs git on PATH and ``root`` inside a git checkout with a commit."""
+    if shutil.which("git") is None:
+        return "tools/bench_ab.py needs git on PATH"
+    probe = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "HEAD"], capture_output=True)
+    if probe.returncode != 0:
+        return f"tools/bench_ab.py needs a git checkout with a commit at {root}"
+    return None
+
+
 def _import_as(source: Path, name: str, into: Path):
     """Copy the package directory ``source`` to ``into/name`` and import its bench module."""
     shutil.copytree(source, into / name)
@@ -42,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=20)
     args = parser.parse_args(argv)
+    reason = missing_precondition()
+    if reason is not None:
+        parser.error(reason)
     for name in [m for m in sys.modules if m.split(".")[0] in ("fluxbench_base", "fluxbench_work")]:
         del sys.modules[name]  # a previous call's copies
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,9 @@
 Modules: :mod:`.common` (the working-dtype rule, autocast off, the two squared-distance
 forms), :mod:`.rbf` (RBF kernel, median heuristic), :mod:`.chunked` (chunked U-statistic
 sums: MMD, KSD), :mod:`.frames` (local frames), :mod:`.attention` (strategy switch, fused
-attention), :mod:`.blocks` (materialised blocks), :mod:`.sums` (the softmax-weighted sums).
+attention), :mod:`.blocks` (materialised blocks), :mod:`.sums` (the softmax-weighted sums),
+:mod:`.triton_attend` and :mod:`.triton_kernels` (the fused Triton kernel, CUDA),
+:mod:`.compiled` (opt-in ``torch.compile`` block sums, CPU).
 Public faces: :mod:`fluxbench.kernels` and :mod:`fluxbench.pairwise`. Modules import each
 other's public names only.
 
@@ -36,7 +38,7 @@ without materialising the N x M matrix. Three details make this exact and accura
   are recomputed densely.
 
 **Two evaluation strategies, the same sums.** Fused attention kernels never hold an
-N x M block. Materialised blocks of at most ``_BLOCK`` entries (4 MiB, reused) take the
+N x M block. Materialised blocks of at most ``_BLOCK`` entries (256 KiB, reused) take the
 exponential, the dominant cost, once per pair: their logits are the exact log-kernels
 -|z - c|^2 / (2 var) <= 0 (no running maximum, no rescaling), clamped at a floor above
 the subnormal range (rows of tiny mass are recomputed relative to their maximum), and a
@@ -51,13 +53,27 @@ form's float32 rounding, so its sums always take blocks, with float64 products o
 distances in difference form (see ``blocks._EXPANDED_TOL``). :func:`use_attention` forces
 either strategy elsewhere (the tests run both).
 
+**Memory linear in the batch, on every device.** Every pass takes its queries in blocks
+of :func:`block_rows` rows (at most ``MAX_BLOCK_ENTRIES`` pairs, and at most the caller's
+``chunk_size`` rows), so its largest intermediate is (rows, M): nothing N x M is ever
+materialised. On CUDA, narrow problems (small d) take a fused Triton kernel, forward and
+backward (:mod:`.triton_attend`), which holds no score block at all.
+
 Queries are passed in *frame order* (``frames.permute(z)``, or any subset with the same
 number of rows in every group, group after group), so no gather or scatter is needed.
 """
 
 from fluxbench._pairwise.attention import use_attention
 from fluxbench._pairwise.chunked import chunk_bounds, chunked_pairwise_matmul, chunked_pairwise_sum
-from fluxbench._pairwise.common import no_autocast, sq_dists_difference, sq_dists_expanded, working_dtype
+from fluxbench._pairwise.common import (
+    MAX_BLOCK_ENTRIES,
+    block_rows,
+    no_autocast,
+    sq_dists_difference,
+    sq_dists_expanded,
+    working_dtype,
+)
+from fluxbench._pairwise.compiled import use_compiled
 from fluxbench._pairwise.frames import Frames, KeyFrame
 from fluxbench._pairwise.rbf import median_bandwidth, rbf_kernel, squared_distances
 from fluxbench._pairwise.sums import kernel_logsumexp, kernel_mean, kernel_transition_sum, kernel_transpose_sum
@@ -67,6 +83,8 @@ __all__ = [
     "no_autocast",
     "sq_dists_expanded",
     "sq_dists_difference",
+    "block_rows",
+    "MAX_BLOCK_ENTRIES",
     "squared_distances",
     "rbf_kernel",
     "median_bandwidth",
@@ -80,4 +98,5 @@ __all__ = [
     "kernel_transpose_sum",
     "kernel_transition_sum",
     "use_attention",
+    "use_compiled",
 ]

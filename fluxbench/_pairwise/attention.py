@@ -1,5 +1,7 @@
 """The choice of strategy (fused attention or materialised blocks) and the fused
-attention kernels (see :mod:`fluxbench._pairwise`)."""
+attention kernels: PyTorch's ``scaled_dot_product_attention`` in bounded chunks, or on
+CUDA for narrow problems the Triton kernel of :mod:`.triton_attend` (see
+:mod:`fluxbench._pairwise`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fluxbench._pairwise.common import block_rows
+from fluxbench._pairwise.triton_attend import MAX_VALUE_WIDTH, MAX_WIDTH, fused_attend, triton_usable
 
 __all__ = ["use_attention", "needs_grad", "blocks_on", "attend"]
 
@@ -51,9 +56,18 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, chunk_size: int | None
 
         out[g, i] = sum_j softmax_j( q[g, i] . k[g, j] + bias[g, j] ) v[g, j]
 
-    Shapes: q (G, L, e), k (G, M, e), v (G, M, ev), bias (G, M) -> (G, L, ev). Widths are
-    zero-padded to a common size so that the fused kernels (equal head sizes) apply.
+    Shapes: q (G, L, e), k (G or 1, M, e), v (G or 1, M, ev), bias (G, M) -> (G, L, ev).
+    Widths are zero-padded to a common size so that the fused kernels (equal head sizes)
+    apply. Each call takes at most ``block_rows(M, chunk_size)`` queries (whole groups, or
+    row slices of one group), so no call holds more than ``MAX_BLOCK_ENTRIES`` pairs.
+
+    On CUDA with Triton importable, narrow problems (q width <= ``MAX_WIDTH``, v width <=
+    ``MAX_VALUE_WIDTH``) take the fused kernel of :mod:`.triton_attend` instead, in one
+    call (it holds no score block at all).
     """
+    if _takes_triton(q, k, v, bias):
+        # k may be zero-padded wider than q (for SDPA's equal widths): q's columns suffice
+        return fused_attend(q, k[..., : q.shape[-1]], v, bias)
     width = max(q.shape[-1], v.shape[-1])
     if q.shape[-1] < width:
         q = F.pad(q, (0, width - q.shape[-1]))
@@ -61,16 +75,41 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, chunk_size: int | None
     ev = v.shape[-1]
     if ev < width:
         v = F.pad(v, (0, width - ev))
-    if chunk_size is None or chunk_size >= q.shape[0] * q.shape[1]:
+    g, rows = q.shape[0], q.shape[1]
+    # queries per call: the caller's chunk and the memory budget (a kernel may hold a
+    # (queries, M) mask or score block), so that memory grows like the batch, not its square
+    per = block_rows(k.shape[1], chunk_size)
+    if per >= g * rows:
         return _sdpa(q, k, v, bias)[..., :ev]
-    per = max(1, chunk_size // q.shape[1])
     outs = []
-    for start in range(0, q.shape[0], per):
-        sl = slice(start, start + per)
-        ks = k[sl] if k.shape[0] > 1 else k
-        vs = v[sl] if v.shape[0] > 1 else v
-        outs.append(_sdpa(q[sl], ks, vs, bias[sl])[..., :ev])
+    if per >= rows:  # whole groups per call
+        step = per // rows
+        for start in range(0, g, step):
+            sl = slice(start, start + step)
+            outs.append(_sdpa(q[sl], _groups(k, sl), _groups(v, sl), bias[sl])[..., :ev])
+        return torch.cat(outs)
+    for gi in range(g):  # row slices of one group per call
+        gs = slice(gi, gi + 1)
+        ks, vs = _groups(k, gs), _groups(v, gs)
+        parts = [_sdpa(q[gs, r0 : r0 + per], ks, vs, bias[gs])[..., :ev] for r0 in range(0, rows, per)]
+        outs.append(torch.cat(parts, 1))
     return torch.cat(outs)
+
+
+def _groups(t: Tensor, sl: slice) -> Tensor:
+    """The groups ``sl`` of a (G or 1, ...) tensor (one shared group stays as it is)."""
+    return t[sl] if t.shape[0] > 1 else t
+
+
+def _takes_triton(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> bool:
+    """Whether attend takes the fused Triton kernel: CUDA, narrow, one dtype, Triton importable."""
+    return (
+        q.device.type == "cuda"
+        and q.shape[-1] <= MAX_WIDTH
+        and v.shape[-1] <= MAX_VALUE_WIDTH
+        and len({q.dtype, k.dtype, v.dtype, bias.dtype}) == 1
+        and triton_usable(q)
+    )
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:

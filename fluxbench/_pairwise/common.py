@@ -8,6 +8,9 @@ two ways to compute squared distances (named for their numerics).
   loses relative accuracy far from the origin: centre the points first).
 * :func:`sq_dists_difference`: ``sum_k (a_ik - b_jk)^2`` (no cancellation; for narrow
   kernels and points far from the origin).
+* :func:`block_rows`: how many query rows one block of an N x M computation may hold, so
+  that memory grows like N + M (at most ``MAX_BLOCK_ENTRIES`` entries per block), never
+  like N x M.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import contextlib
 import torch
 from torch import Tensor
 
-__all__ = ["working_dtype", "no_autocast", "sq_dists_expanded", "sq_dists_difference"]
+__all__ = ["working_dtype", "no_autocast", "sq_dists_expanded", "sq_dists_difference", "block_rows", "MAX_BLOCK_ENTRIES"]
+
+# Entries of one (rows, M) block of any pairwise pass on any device (128 MiB in float32):
+# large enough that a fused call amortises its launch, small enough that peak memory at
+# B = 65536 stays far below 1 GB.
+MAX_BLOCK_ENTRIES = 1 << 25
 
 
 def working_dtype(*args: torch.dtype | Tensor) -> torch.dtype:
@@ -67,3 +75,14 @@ def sq_dists_difference(a: Tensor, b: Tensor, *, max_sum_dim: int = 4) -> Tensor
     for k in range(1, a.shape[1]):
         out.add_((a[:, k : k + 1] - b[:, k]).square_())
     return out
+
+
+def block_rows(cols: int, chunk_size: int | None = None) -> int:
+    """Query rows per block of a (rows, ``cols``) pairwise computation: at most
+    ``chunk_size`` (when given) and at most ``MAX_BLOCK_ENTRIES // cols``, at least 1.
+
+    Every pairwise pass takes its rows in blocks of this many, so the largest
+    intermediate holds max(cols, MAX_BLOCK_ENTRIES) entries: linear in the batch.
+    """
+    rows = max(1, MAX_BLOCK_ENTRIES // max(1, cols))
+    return rows if chunk_size is None else max(1, min(rows, chunk_size))

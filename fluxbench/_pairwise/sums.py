@@ -13,7 +13,9 @@ from torch import Tensor
 
 from fluxbench._pairwise.attention import attend, blocks_on, needs_grad
 from fluxbench._pairwise.blocks import BlockKernel, blocks_mean, blocks_transpose_sum, product_dtype
-from fluxbench._pairwise.common import no_autocast, sq_dists_difference, working_dtype
+from fluxbench._pairwise.chunked import chunk_bounds
+from fluxbench._pairwise.common import block_rows, no_autocast, sq_dists_difference, working_dtype
+from fluxbench._pairwise.compiled import compiled_on
 from fluxbench._pairwise.frames import Frames, KeyFrame
 
 __all__ = ["kernel_mean", "kernel_logsumexp", "kernel_transpose_sum", "kernel_transition_sum", "without_dropped"]
@@ -76,7 +78,9 @@ def kernel_mean(
             dtype = kf.k.dtype
         q = frames.local(zq.to(dtype))
         v = kf.k if features is None else kf.features(features)
-        if v.shape[-1] <= _NARROW and blocks_on(q.device, q.shape[0] * q.shape[1] * kf.k.shape[1], q, kf.k):
+        # compiled block sums fuse the product too: any width takes blocks then
+        narrow = v.shape[-1] <= _NARROW or compiled_on(q.device)
+        if narrow and blocks_on(q.device, q.shape[0] * q.shape[1] * kf.k.shape[1], q, kf.k):
             out = blocks_mean(q, kf, v, features, chunk_size).reshape(zq.shape[0], -1)
         else:
             k = kf.padded(max(q.shape[-1], v.shape[-1]))
@@ -88,10 +92,15 @@ def kernel_mean(
         return (frames.unpermute(out), frames.unpermute(centre)) if adhoc else (out, centre)
 
 
-def _dense_logsumexp(queries: Tensor, keys: Tensor, var: float, key_bias: Tensor | None) -> Tensor:
-    d2 = sq_dists_difference(queries, keys, max_sum_dim=0)
-    logits = -0.5 * d2 / var
-    return torch.logsumexp(logits if key_bias is None else logits + key_bias, dim=1)
+def _dense_logsumexp(
+    queries: Tensor, keys: Tensor, var: float, key_bias: Tensor | None, chunk_size: int | None
+) -> Tensor:
+    """Difference-form log-partition functions, in blocks of ``block_rows`` queries."""
+    out = []
+    for r0, r1 in chunk_bounds(queries.shape[0], block_rows(keys.shape[0], chunk_size)):
+        logits = sq_dists_difference(queries[r0:r1], keys, max_sum_dim=0).mul_(-0.5 / var)
+        out.append(torch.logsumexp(logits if key_bias is None else logits.add_(key_bias), dim=1))
+    return torch.cat(out)
 
 
 def kernel_logsumexp(
@@ -158,7 +167,7 @@ def kernel_logsumexp(
         bad = (real_mass < _tiny(dtype)) | (ref_mass < _tiny(dtype)) | ~torch.isfinite(out)
         if bool(bad.any()):
             rows = bad.nonzero().squeeze(1)
-            out[rows] = _dense_logsumexp(zq[rows], c, var, None if key_bias is None else key_bias.to(dtype))
+            out[rows] = _dense_logsumexp(zq[rows], c, var, None if key_bias is None else key_bias.to(dtype), chunk_size)
     return frames.unpermute(out) if adhoc else out
 
 

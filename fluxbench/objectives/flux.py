@@ -25,9 +25,11 @@ What differs from the published code, all without changing the estimator's expec
   ``defect_pullback`` where it has one (:class:`fluxbench.fields.MLPField` with SiLU or
   Tanh: a forward pass carrying the probe's tangent and one reverse pass, no double
   backward), else from autograd;
-* every B x B sum runs chunked in float32 or better, in fused attention kernels or (on
-  CPU) 4 MiB blocks with one exponential per pair, the transition sums of step 6 in a
-  single pass (``fluxbench.pairwise``); nothing B x B is stored;
+* every B x B sum runs chunked in float32 or better, in fused attention kernels (on CUDA
+  for small d a Triton kernel, forward and backward) or (on CPU) 256 KiB blocks with one
+  exponential per pair, the transition sums of step 6 in a single pass
+  (``fluxbench.pairwise``); no pass holds more than a (chunk, B) block, so memory grows
+  like B, not B^2;
 * steps 1-6 are never differentiated and run in inference mode, without autograd's
   per-operation bookkeeping (a step at B = 256 is mostly per-operation overhead);
 * s_hat(x0) is computed once and reused for the first sub-step, mu and the loss;

@@ -3,6 +3,14 @@
 Every command takes ``--help`` (with an example); bad arguments give a usage error (exit
 2), not a traceback. Default output directory: ``runs/suites`` (git-ignored); write the
 committed results with ``--out results/suites``.
+
+Threads: ``suite run``, ``gate`` and ``report`` set torch's intra-op threads to ``--threads``
+(default :data:`DEFAULT_THREADS` = 1) before any work. torch's own default, one thread per
+core, oversubscribes the CPU as soon as several processes share it (the shards of
+``suite run --shard i/n``, parallel test workers, other jobs), and the suites' problems
+(d <= 20, batches of a few thousand) gain little from more threads even alone (on a 2-core
+machine shared with other jobs, the 16 cases of the chunked-loss test took 3.6 s at one
+thread and 111 s at two). Pass ``--threads N`` for one process on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -13,9 +21,12 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..argtypes import positive_int
+
 __all__ = ["main_suite", "main_report", "main_gate"]
 
 DEFAULT_OUT = "runs/suites"
+DEFAULT_THREADS = 1
 
 
 def _default_suites_dir() -> str:
@@ -39,6 +50,19 @@ def _common(p: argparse.ArgumentParser, *, device: bool = True, out: bool = True
         p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     if device:
         p.add_argument("--device", default=None, help="torch device: cpu (default), cuda, cuda:1, mps")
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int(1), default=DEFAULT_THREADS,
+                   help=f"torch CPU threads of this process (default: {DEFAULT_THREADS}; torch's default of one "
+                        "per core oversubscribes when shards or other jobs share the machine, and these "
+                        "small problems gain little from more)")
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _tier(p: argparse.ArgumentParser) -> None:
@@ -86,6 +110,7 @@ def main_suite(argv: Sequence[str] | None = None) -> int:
                        help="break the fields on purpose: temperature:C, drop-rotation, sign:I (own records file)")
     p_run.add_argument("--quiet", action="store_true", help="no progress lines")
     _common(p_run)
+    _threads(p_run)
     p_merge = sub.add_parser("merge", help="merge records files (the shards of a job array)",
                              description="Union of records files; duplicate rows dropped; damaged files refused.",
                              epilog="example:\n  fluxbench suite merge a/records/gmm2d.csv b/records/gmm2d.csv "
@@ -125,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
 
     suite = find_suite(args.name, args.suites_dir or _default_suites_dir())
     shard = parse_shard(args.shard)
+    _set_threads(args.threads)
     out = Path(args.out)
     path = records_path(out, suite.name, shard=shard, perturb=args.perturb)
     t0 = time.perf_counter()
@@ -153,8 +179,9 @@ def main_report(argv: Sequence[str] | None = None) -> int:
                      "rollout length with the noise-floor band, flux vs DSM, streamlines of 2-D runs, the claims table. "
                      "Each suite's most recent commit and suite file are shown.",
                      "fluxbench report --out results/suites --tier quick")
-    _common(parser, device=False)
+    _common(parser, device=False)  # reads records and CPU artifacts only: nothing to place on a device
     _tier(parser)
+    _threads(parser)
     parser.add_argument("--alpha", type=float, default=0.05, help="family-wise level of the p-value claims (Holm)")
     args = parser.parse_args(argv)
     return _guard(parser, lambda: _report(args))
@@ -166,6 +193,7 @@ def _report(args: argparse.Namespace) -> int:
     from .report import render_report
     from .spec import list_suites
 
+    _set_threads(args.threads)
     out = Path(args.out)
     df = load_records(out)
     if not len(df):
@@ -195,6 +223,7 @@ def main_gate(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("suites", nargs="*", metavar="SUITE", help="suite names (default: every suite)")
     _tier(parser)
     _common(parser)
+    _threads(parser)
     parser.add_argument("--alpha", type=float, default=0.05, help="family-wise level of the p-value claims (Holm)")
     parser.add_argument("--perturb", default=None,
                         help="break the fields on purpose (temperature:C, drop-rotation, sign:I): claims should fail")
@@ -215,6 +244,7 @@ def _gate(args: argparse.Namespace) -> int:
     suites = [find_suite(n, d) for n in args.suites] if args.suites else list_suites(d)
     if not suites:
         raise ValueError(f"no suites in {d!r}")
+    _set_threads(args.threads)
     t0 = time.perf_counter()
     results, _ = gate(suites, tier=args.tier, out=args.out, device=args.device, alpha=args.alpha,
                       perturb=args.perturb, run_missing=not args.no_run, log=_log(args.quiet))
