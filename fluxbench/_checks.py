@@ -17,6 +17,7 @@ __all__ = [
     "all_finite",
     "check_seed",
     "check_points",
+    "check_batch",
     "check_sigma",
     "check_field_output",
     "check_generator",
@@ -65,6 +66,41 @@ def check_points(x: object, name: str = "x", *, dim: int | None = None, finite: 
         raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} must have d = {dim} columns; got shape {tuple(x.shape)}")
+    return _check_finite(x, name, finite)
+
+
+def check_batch(x: object, name: str = "x", *, finite: bool = True) -> Tensor:
+    """Check that ``x`` is a floating batch of shape (N, *event_shape) with N >= 1.
+
+    The shape-generic counterpart of :func:`check_points` for code that treats each of
+    the N rows as one state of any event shape (a vector (d,), an image (C, H, W)):
+    at least one event dimension, no empty dimension, finite entries.
+
+    Args:
+        x: the candidate tensor.
+        name: the argument name used in error messages.
+        finite: also reject NaN and inf.
+
+    Returns:
+        ``x`` itself (no copy).
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, *event_shape); got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (N, *event_shape) with at least one event dimension, e.g. (N, d) or "
+            f"(N, C, H, W); got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least one point")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{name} has an event dimension of size 0 (shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
+    return _check_finite(x, name, finite)
+
+
+def _check_finite(x: Tensor, name: str, finite: bool) -> Tensor:
     if finite and not all_finite(x):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

@@ -14,6 +14,7 @@ COMMANDS = {
     "suite": ("fluxbench.suites.cli", "list, run (--shard i/n) and merge the stationarity suites", "main_suite"),
     "report": ("fluxbench.suites.cli", "render the suites' records as Markdown and HTML with plots", "main_report"),
     "gate": ("fluxbench.suites.cli", "run the suites' claims; exit 1 naming every failed claim", "main_gate"),
+    "images": ("fluxbench.images.cli", "train, sample and score image models (EDM U-Net, FID)", "main"),
 }
 
 

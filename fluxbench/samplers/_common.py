@@ -20,6 +20,8 @@ __all__ = [
     "check_step_output",
     "evaluate_chunked",
     "raise_if_nonfinite",
+    "flow_step",
+    "event_norms",
 ]
 
 
@@ -122,7 +124,7 @@ def check_step_output(out: object, x: Tensor, name: str, *, full: bool) -> None:
 def evaluate_chunked(
     field: Callable[[Tensor], Tensor], x: Tensor, out: Tensor, chunk: int, *, check: bool, name: str
 ) -> Tensor:
-    """Write ``field(x)`` into ``out`` (both (N, d)), evaluating ``chunk`` rows at a time.
+    """Write ``field(x)`` into ``out`` (both (N, *event_shape)), evaluating ``chunk`` rows at a time.
 
     With ``check`` each chunk's output is validated by ``check_field_output`` (shape,
     device, dtype, finite; this synchronises with the device, so do it once); shape,
@@ -142,3 +144,46 @@ def raise_if_nonfinite(x: Tensor, message: str) -> None:
     if not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{message} ({n_bad} of {x.numel()} entries are NaN or inf)")
+
+
+def flow_step(
+    model: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    s: float,
+    s_next: float,
+    s_t: Tensor,
+    s_next_t: Tensor,
+    *,
+    heun: bool,
+    check: bool,
+) -> Tensor:
+    """One step of the VE probability-flow ODE dx/dsigma = -sigma f(x, sigma), from s to s_next.
+
+    With h = s_next - s and d(x, s) = -s f(x, s) (EDM's (x - D(x, s)) / s):
+
+        Euler:  x_e = x + h d(x, s)
+        Heun:   x <- x + h/2 (d(x, s) + d(x_e, s_next)),   or x_e when s_next = 0
+
+    (EDM's Algorithm 1 step: the model is never called at sigma = 0.) ``s``/``s_next``
+    are the levels as floats (for the arithmetic, no device round trip), ``s_t``/``s_next_t``
+    the same levels as 0-d tensors in ``x``'s dtype and device (the model's argument).
+    ``check``: validate the first model output in full (one device synchronisation).
+
+    Returns:
+        The state at s_next, ``x``'s shape (N, *event_shape).
+    """
+    h = s_next - s
+    f = model(x, s_t)
+    check_step_output(f, x, "model", full=check)
+    d_cur = -s * f
+    x_euler = x + h * d_cur
+    if not heun or s_next == 0:
+        return x_euler
+    f_next = model(x_euler, s_next_t)
+    check_step_output(f_next, x_euler, "model", full=False)
+    return x + (0.5 * h) * (d_cur - s_next * f_next)
+
+
+def event_norms(x: Tensor) -> Tensor:
+    """Euclidean norm of each state of an (N, *event_shape) batch over its event dimensions: (N,)."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)

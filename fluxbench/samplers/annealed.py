@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_generator, check_points, check_positive, check_positive_int
+from .._checks import check_batch, check_generator, check_positive, check_positive_int
 from .._random import normal
-from ._common import check_callable, check_sigma_grid, check_step_output, raise_if_nonfinite
+from ._common import check_callable, check_sigma_grid, check_step_output, event_norms, raise_if_nonfinite
 
 __all__ = ["annealed_langevin"]
 
@@ -31,28 +31,30 @@ def annealed_langevin(
     Predictor (SPEC section 3, reverse-VE Euler-Maruyama), for i = 1, ..., L - 1 with
     delta_i = sigma_i^2 - sigma_{i+1}^2:
 
-        x <- x + delta_i f(x, sigma_i) + sqrt(delta_i) xi,    xi ~ N(0, I_d).
+        x <- x + delta_i f(x, sigma_i) + sqrt(delta_i) xi,    xi ~ N(0, I).
 
     Corrector (predictor-corrector, SPEC section 3): after each predictor step,
     ``corrector_steps`` Langevin steps at sigma_{i+1},
 
         g = f(x, sigma_{i+1}),  z ~ N(0, I_d),
-        eps = 2 (snr * mean_n |z_n| / mean_n |g_n|)^2,     (batch-mean Euclidean norms)
+        eps = 2 (snr * mean_n |z_n| / mean_n |g_n|)^2,     (batch means of each state's
+                                                             Euclidean norm over its event dims)
         x <- x + eps g + sqrt(2 eps) z.
 
     Per step the predictor noise is drawn first, then the corrector noises in order,
-    each one (N, d) draw from ``generator``. With ``f`` the exact score of
+    each one draw of the state's shape from ``generator``. With ``f`` the exact score of
     p_sigma = p * N(0, sigma^2 I) and ``x_init ~ p_{sigma_1}``, the output approximates
     p_{sigma_L} (no final denoising step), up to an O(max delta) discretisation bias.
 
-    The model is called as ``model(x, sigma)`` with x of shape (N, d) and sigma a 0-d
-    tensor (``x``'s dtype and device); its output is validated on the first predictor and
-    the first corrector call. The loop runs under ``torch.no_grad()``; the state's
+    The model is called as ``model(x, sigma)`` with x of the state's shape (N, *event_shape):
+    (N, d) vectors or (N, C, H, W) images, and sigma a 0-d tensor (``x``'s dtype and
+    device); its output is validated on the first predictor and the first corrector call. The loop runs under ``torch.no_grad()``; the state's
     finiteness is checked once at the end.
 
     Args:
-        model: noise-conditioned field ``(x, sigma) -> f(x, sigma)``, (N, d) -> (N, d).
-        x_init: (N, d) starting points, typically samples of p_{sigma_1}
+        model: noise-conditioned field ``(x, sigma) -> f(x, sigma)``, (N, *event_shape) ->
+            (N, *event_shape).
+        x_init: (N, *event_shape) starting points, typically samples of p_{sigma_1}
             (approximately N(0, sigma_1^2 I) when sigma_1 dominates the data scale).
         sigmas: strictly decreasing positive noise levels sigma_1 > ... > sigma_L, L >= 2
             (1-D tensor or sequence of floats; standard deviations).
@@ -62,7 +64,7 @@ def annealed_langevin(
         progress: show a tqdm progress bar over the levels.
 
     Returns:
-        (N, d) samples at noise level sigma_L, ``x_init``'s dtype and device.
+        (N, *event_shape) samples at noise level sigma_L, ``x_init``'s dtype and device.
 
     Raises:
         ValueError: bad arguments, a model output of the wrong shape/dtype/device or
@@ -70,7 +72,7 @@ def annealed_langevin(
             step sizes: use a finer sigma grid or a smaller snr).
     """
     check_callable(model, "model")
-    x_init = check_points(x_init, "x_init")
+    x_init = check_batch(x_init, "x_init")
     levels = check_sigma_grid(sigmas, "sigmas", direction="decreasing")
     corrector_steps = check_positive_int(corrector_steps, "corrector_steps", minimum=0)
     snr = check_positive(snr, "snr")
@@ -90,8 +92,8 @@ def annealed_langevin(
                 z = normal(x.shape, x, generator)
                 g = model(x, sig_t[i + 1])
                 check_step_output(g, x, "model", full=i == 0 and c == 0)
-                z_norm = torch.linalg.vector_norm(z, dim=1).mean()
-                g_norm = torch.linalg.vector_norm(g, dim=1).mean().clamp_min(tiny)
+                z_norm = event_norms(z).mean()
+                g_norm = event_norms(g).mean().clamp_min(tiny)
                 eps = 2 * (snr * z_norm / g_norm) ** 2
                 x = x + eps * g + torch.sqrt(2 * eps) * z
         raise_if_nonfinite(

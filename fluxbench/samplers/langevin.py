@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_generator, check_points, check_positive, check_positive_int
+from .._checks import check_batch, check_generator, check_positive, check_positive_int
 from .._random import normal
 from ._common import (
     check_callable,
@@ -39,13 +39,14 @@ def langevin(
     Euler-Maruyama discretisation of SPEC eq. (1), ``dX = f(X) dt + sqrt(2) dW``
     (SPEC section 3):
 
-        x_{k+1} = x_k + eps f(x_k) + sqrt(2 eps) xi_k,   xi_k ~ N(0, I_d).
+        x_{k+1} = x_k + eps f(x_k) + sqrt(2 eps) xi_k,   xi_k ~ N(0, I).
 
     The chain's stationary law is the target of ``f`` only up to an O(eps) bias (for
     ``f(x) = -x`` in 1-D it is N(0, 1 / (1 - eps/2))).
 
-    The noise of a step is drawn for all N particles at once (one ``(N, d)`` draw per
-    step from ``generator``), and the field is then evaluated ``chunk_size`` rows at a
+    States may have any event shape, (N, d) or images (N, C, H, W); the field is called
+    with the state's shape. The noise of a step is drawn for all N particles at once (one
+    draw of the state's shape per step from ``generator``), and the field is then evaluated ``chunk_size`` rows at a
     time, so the result does not depend on ``chunk_size`` (bit for bit for a pointwise
     field) while activation memory is bounded by one chunk. The loop runs under
     ``torch.no_grad()``: the field is never differentiated.
@@ -55,9 +56,9 @@ def langevin(
     trip inside the loop).
 
     Args:
-        field: callable ``x -> f(x)`` mapping an (n, d) tensor to an (n, d) tensor of the
-            same dtype and device (n <= chunk_size).
-        x0: (N, d) initial particles, finite. Not modified.
+        field: callable ``x -> f(x)`` mapping an (n, *event_shape) tensor to one of the
+            same shape, dtype and device (n <= chunk_size).
+        x0: (N, *event_shape) initial particles, finite. Not modified.
         step_size: eps > 0.
         n_steps: number of steps K >= 0; ``n_steps = 0`` returns a copy of ``x0`` (or a
             trajectory holding only ``x0``).
@@ -71,8 +72,8 @@ def langevin(
         progress: show a tqdm progress bar over the steps.
 
     Returns:
-        The end state x_K, shape (N, d), or with ``thin`` the trajectory, shape
-        (K // thin + 1, N, d). Same dtype and device as ``x0``.
+        The end state x_K, shape (N, *event_shape), or with ``thin`` the trajectory, shape
+        (K // thin + 1, N, *event_shape). Same dtype and device as ``x0``.
 
     Raises:
         ValueError: bad arguments; a field output of the wrong shape, dtype or device, or
@@ -89,7 +90,7 @@ def langevin(
         True
     """
     check_callable(field, "field")
-    x0 = check_points(x0, "x0")
+    x0 = check_batch(x0, "x0")
     eps = check_positive(step_size, "step_size")
     n_steps = check_positive_int(n_steps, "n_steps", minimum=0)
     thin = check_thin(thin)

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_generator, check_points, check_positive_int
+from .._checks import check_batch, check_generator, check_points, check_positive_int
 from .._random import rademacher
-from ._common import check_callable, check_sigma_grid, check_step_output, raise_if_nonfinite
+from ._common import check_callable, check_sigma_grid, check_step_output, flow_step, raise_if_nonfinite
 
 __all__ = ["probability_flow", "probability_flow_nll"]
 
@@ -50,24 +50,26 @@ def probability_flow(
     The grid may be decreasing (sampling: noise -> data, a final 0 allowed) or increasing
     (encoding: data -> noise, all > 0). The model is called as ``model(x, sigma)`` with
     sigma a 0-d tensor in ``x``'s dtype and device; its output is validated on the first
-    call. Runs under ``torch.no_grad()``.
+    call. Runs under ``torch.no_grad()``. States of any event shape are accepted (vectors
+    (N, d), images (N, C, H, W)); the model is called with the state's shape.
 
     Args:
-        model: noise-conditioned field ``(x, sigma) -> f(x, sigma)``, (N, d) -> (N, d).
-        x_init: (N, d) points at sigma_1.
+        model: noise-conditioned field ``(x, sigma) -> f(x, sigma)``, (N, *event_shape) ->
+            (N, *event_shape).
+        x_init: (N, *event_shape) points at sigma_1.
         sigmas: strictly monotone grid sigma_1, ..., sigma_L (L >= 2), standard deviations.
         method: ``"heun"`` (default) or ``"euler"``.
         progress: show a tqdm progress bar.
 
     Returns:
-        (N, d) points at sigma_L.
+        (N, *event_shape) points at sigma_L.
 
     Raises:
         ValueError: bad arguments, a bad model output on the first call, or a state that
             became non-finite (use a finer grid).
     """
     check_callable(model, "model")
-    x_init = check_points(x_init, "x_init")
+    x_init = check_batch(x_init, "x_init")
     levels = _check_grid(sigmas)
     method = _check_method(method)
     sig_t = torch.tensor(levels, dtype=x_init.dtype, device=x_init.device)
@@ -75,18 +77,9 @@ def probability_flow(
     with torch.no_grad():
         x = x_init.detach().clone()
         for i in tqdm(range(len(levels) - 1), disable=not progress, desc="probability flow", leave=False):
-            h = levels[i + 1] - levels[i]
-            f = model(x, sig_t[i])
-            check_step_output(f, x, "model", full=i == 0)
-            d_cur = -levels[i] * f
-            x_euler = x + h * d_cur
-            if method == "euler" or levels[i + 1] == 0:
-                x = x_euler
-                continue
-            f_next = model(x_euler, sig_t[i + 1])
-            check_step_output(f_next, x_euler, "model", full=False)
-            d_next = -levels[i + 1] * f_next
-            x = x + (0.5 * h) * (d_cur + d_next)
+            x = flow_step(
+                model, x, levels[i], levels[i + 1], sig_t[i], sig_t[i + 1], heun=method == "heun", check=i == 0
+            )
         raise_if_nonfinite(x, "probability_flow: the state became non-finite; use a finer sigmas grid")
     return x
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._checks import check_points, check_positive, check_positive_int
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, load_checkpoint, save_checkpoint
 from .ema import ema_decay_at, ema_update, make_ema
 from .schedule import LR_SCHEDULES, lr_factor
 from .result import TrainResult
@@ -305,18 +305,7 @@ def train(
 
     if resume and path.exists():
         state = _read_checkpoint(path, dev)
-        # a resumed run must be the run that wrote the checkpoint: a changed setting would be
-        # applied from the middle of the run on, silently
-        changed = [k for k in config if k in state["config"] and state["config"][k] != config[k]]
-        if changed:
-            was = ", ".join(f"{k}={state['config'][k]!r}" for k in changed)
-            now = ", ".join(f"{k}={config[k]!r}" for k in changed)
-            raise ValueError(
-                f"checkpoint {path} was written with {was} but this run has {now}; a resumed run must use "
-                "the same settings (start a fresh run, or another checkpoint path, to change them)"
-            )
-        if state["step"] > steps:
-            raise ValueError(f"checkpoint {path} is at step {state['step']}, past steps={steps}")
+        check_resume(path, state["config"], config, step=int(state["step"]), steps=steps)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema_model"])
         objective.load_state_dict(state["objective"])
