@@ -42,7 +42,7 @@ CLASSES = benchmark_classes()
 
 
 def test_every_module_defines_benchmarks():
-    assert {"bench_objectives", "bench_samplers", "bench_metrics", "bench_verify", "bench_quality"} <= set(MODULES)
+    assert {"bench_objectives", "bench_samplers", "bench_metrics", "bench_verify", "bench_quality", "bench_images"} <= set(MODULES)
     assert {name for name, _ in CLASSES} == set(MODULES)
 
 
@@ -200,3 +200,25 @@ def test_quality_skips_a_commit_without_the_recipes(monkeypatch):
     cache = bench.setup_cache()
     with pytest.raises(NotImplementedError, match="fluxbench.recipes"):
         bench.setup(cache, "cpu", "mixture2d", "flux")
+
+
+def test_image_fid_skips_a_commit_without_images(monkeypatch):
+    from benchmarks import bench_images
+
+    def missing(*args):
+        raise NotImplementedError("fluxbench.images is not in this commit's fluxbench")
+
+    monkeypatch.setattr(bench_images, "_fids", missing)
+    bench = bench_images.DigitsFID()
+    cache = bench.setup_cache()
+    with pytest.raises(NotImplementedError, match="fluxbench.images"):
+        bench.setup(cache, "cpu", "flux", "heun-18")
+
+
+def test_image_fid_tracks_read_the_cache_of_their_method_and_sampler():
+    from benchmarks.bench_images import SAMPLERS, DigitsFID
+
+    cache = {("cpu", m): {s: float(i + 10 * j) for i, s in enumerate(SAMPLERS)} for j, m in enumerate(["flux", "dsm"])}
+    bench = DigitsFID()
+    bench.setup(cache, "cpu", "dsm", SAMPLERS[2])
+    assert bench.track_fid(cache, "cpu", "dsm", SAMPLERS[2]) == 12.0

@@ -196,10 +196,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "heun_wrong_sigma",
-        "fluxbench/samplers/ode.py",
-        "d_next = -levels[i + 1] * f_next",
-        "d_next = -levels[i] * f_next",
-        "Heun corrector of the probability-flow ODE weighted by the old sigma",
+        "fluxbench/samplers/_common.py",
+        "return x + (0.5 * h) * (d_cur - s_next * f_next)",
+        "return x + (0.5 * h) * (d_cur - s * f_next)",
+        "Heun corrector of the probability-flow ODE (and EDM Heun) weighted by the old sigma",
     ),
     Mutant(
         "mixture_responsibilities_axis",
