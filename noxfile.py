@@ -126,11 +126,27 @@ def bench(session: nox.Session) -> None:
     e.g. ``nox -s bench -- --bench StepRatio``. Fails if any benchmark fails (asv's exit 2).
     """
     _require_env(session)
-    session.run(PY, "-m", "asv", "machine", "--yes")  # asv asks for the machine's name once; take the defaults
-    session.run(PY, "-m", "asv", "check", "--python=same", env=ONE_THREAD)
+    import json
+
+    # asv rewrites results_dir/benchmarks.json on every run; a copy of the config that points
+    # results_dir into the ignored .asv/ keeps the committed results/asv/ as recorded
+    with open("asv.conf.json") as fh:  # asv's JSON allows // comment lines
+        config = json.loads("".join(line for line in fh if not line.lstrip().startswith("//")))
+    # asv resolves a config's paths against the config's folder
+    here = os.getcwd()
+    for key in ("benchmark_dir", "env_dir", "html_dir"):
+        config[key] = os.path.join(here, config[key])
+    config.update(results_dir=os.path.join(here, ".asv", "results-check"), repo=here)
+    os.makedirs(".asv", exist_ok=True)
+    conf = os.path.join(".asv", "asv.check.conf.json")
+    with open(conf, "w") as fh:
+        json.dump(config, fh, indent=4)
+    asv = (PY, "-m", "asv", "--config", conf)
+    session.run(*asv, "machine", "--yes")  # asv asks for the machine's name once; take the defaults
+    session.run(*asv, "check", "--python=same", env=ONE_THREAD)
     # forkserver: each benchmark is forked from a process that imported torch once (spawn,
     # asv's default, imports it again for each of the ~200 parameter sets)
-    session.run(PY, "-m", "asv", "run", "--python=same", "--quick", "--dry-run", "--show-stderr",
+    session.run(*asv, "run", "--python=same", "--quick", "--dry-run", "--show-stderr",
                 "--launch-method", "forkserver", *session.posargs, env=ONE_THREAD)
 
 
