@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .common import DEVICES, SEED, generator, require, setup_device, skip_if
+from .common import available_devices as _available_devices  # setup_cache's source, hence asv's version, unchanged
 
 STEPS = 1000
 LEVELS = 200
@@ -37,10 +38,6 @@ def _target(name: str, device: torch.device):
     targets = require("fluxbench.targets", "triangle", "anisotropic_gaussian")
     target = targets.triangle() if name == "mixture2d" else targets.anisotropic_gaussian(8, 10.0, seed=SEED)
     return target.to(device, torch.float32)
-
-
-def _available_devices() -> list[torch.device]:
-    return [torch.device(d) for d in DEVICES if d == "cpu" or torch.cuda.is_available()]
 
 
 def _score(target_name: str, method: str, device: torch.device) -> dict[str, float]:

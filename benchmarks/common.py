@@ -43,6 +43,11 @@ THREADS = int(os.environ.get("FLUXBENCH_BENCH_THREADS", "1"))
 CPU_MAX_B2D = 2e9
 
 
+def available_devices() -> list[torch.device]:
+    """The devices of ``DEVICES`` this machine has (for ``setup_cache``, which takes no parameters)."""
+    return [torch.device(d) for d in DEVICES if d == "cpu" or torch.cuda.is_available()]
+
+
 def setup_device(device: str) -> torch.device:
     """The benchmark's torch device; ``NotImplementedError`` (asv: skipped) where it is absent."""
     dev = torch.device(device)
