@@ -59,6 +59,44 @@ def test_kernel_primitives_match_brute_force(strategy, n, d, sigma):
     assert torch.allclose(frames.unpermute(got), expect, atol=1e-10 * float(g.abs().max()))
 
 
+@pytest.mark.parametrize("far", [False, True])
+def test_blocks_split_over_two_threads_match_brute_force(monkeypatch, far):
+    """With two torch threads a one-frame block runs as two sub-blocks (a batch MKL splits
+    over the threads); means, feature means and transition sums must not notice, including
+    rows recomputed relative to their maximum (``far``). Blocks of 16 rows, so that every
+    pass takes many one-frame blocks; float64 against brute force, as above."""
+    monkeypatch.setattr(pairwise_blocks, "_BLOCK", 8 * 203)  # 16 rows per block at 2 threads
+    x = _cloud(203, 2, 3)
+    z = x + 0.5 * torch.randn(203, 2, generator=gen(4), dtype=F64)
+    if far:
+        z[::7] += 40.0  # log-kernels below the clamp: those rows are recomputed
+    var = 0.25
+    g = torch.randn(203, 2, generator=gen(5), dtype=F64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pairwise.use_attention(False):
+            frames = pairwise.Frames(x, scale=var**0.5)
+            keys = pairwise.KeyFrame(frames, x, var, F64)
+            mean = frames.unpermute(pairwise.kernel_mean(frames.permute(z), keys, var))
+            feats, _ = pairwise.kernel_mean(frames.permute(z), keys, var, lambda k: torch.cat([k, k.square()], -1))
+            trans = pairwise.kernel_transition_sum(
+                frames.permute(x), frames.permute(z), var, frames.permute(g), frames.own, frames=frames,
+                anchor_bias=frames.key_bias, chain_bias=frames.key_bias,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    w = _brute_weights(z, x, var)
+    assert torch.allclose(mean, w @ x, atol=1e-10)
+    local = frames.local(frames.permute(x)).reshape(-1, 2) if frames.n_groups == 1 else None
+    if local is not None:  # one frame: feature means in its coordinates
+        expect = frames.permute(w) @ torch.cat([local, local.square()], -1)
+        assert torch.allclose(feats.reshape(-1, 4), expect, atol=1e-10)
+    logits = -0.5 * torch.cdist(x, z).square() / var
+    expect = torch.softmax(logits, dim=0) @ g
+    assert torch.allclose(frames.unpermute(trans), expect, atol=1e-10 * float(g.abs().max()))
+
+
 def _far_cloud():
     """Keys in two clusters 40 kernel widths apart and queries 30 widths beyond each: every
     log-kernel is below -400, so the clamped exponentials must be recomputed per row."""
@@ -414,3 +452,43 @@ def test_compiled_transition_sums_match_the_eager_blocks(dtype):
     bound = 2 * n * (4 * (d + 2) * 2 * r * r / var + 2 * n + 10) * torch.finfo(dtype).eps / 2 * float(g.abs().max())
     assert compiled.shape == eager.shape
     assert float((compiled - eager).abs().max()) <= bound
+
+
+_CAPABILITY_SCRIPT = """
+import torch
+from fluxbench import pairwise
+from fluxbench._pairwise import use_compiled
+g = torch.Generator().manual_seed(60)
+x = torch.randn(600, 2, generator=g, dtype=torch.float64)
+z = x + 0.3 * torch.randn(600, 2, generator=g, dtype=torch.float64)
+errors = []
+for dtype in (torch.float32, torch.float64):
+    with pairwise.use_attention(False):
+        eager = pairwise.kernel_mean(z.to(dtype), x.to(dtype), 0.09)
+        with use_compiled(True):
+            compiled = pairwise.kernel_mean(z.to(dtype), x.to(dtype), 0.09)
+    errors.append(float((compiled - eager).abs().max() / eager.abs().max()))
+print(max(errors))
+"""
+
+
+@pytest.mark.slow  # two processes, each compiling once
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU: two ISAs to alternate")
+def test_compiled_sums_do_not_reuse_a_graph_cached_under_another_cpu_capability(tmp_path):
+    """Inductor's FX-graph cache ignores ATEN_CPU_CAPABILITY: a graph cached by a process
+    run with avx2 and loaded by one with AVX-512 gave float64 means off by O(1) (and the
+    reverse, float32 ones). Processes alternating the two share one fresh cache; each must
+    match its eager blocks to float32 rounding (relative 1e-4, above the bound of the test
+    above for this cloud, ~3e-5; the failures were ~0.3)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    for capability in ("avx2", None, "avx2"):
+        run_env = dict(env)
+        run_env.pop("ATEN_CPU_CAPABILITY", None)
+        if capability:
+            run_env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT], env=run_env, capture_output=True, text=True, check=True)
+        assert float(out.stdout.strip().splitlines()[-1]) < 1e-4, (capability, out.stdout)

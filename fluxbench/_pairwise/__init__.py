@@ -38,9 +38,10 @@ without materialising the N x M matrix. Three details make this exact and accura
   are recomputed densely.
 
 **Two evaluation strategies, the same sums.** Fused attention kernels never hold an
-N x M block. Materialised blocks of at most ``_BLOCK`` entries (256 KiB, reused) take the
-exponential, the dominant cost, once per pair: their logits are the exact log-kernels
--|z - c|^2 / (2 var) <= 0 (no running maximum, no rescaling), clamped at a floor above
+N x M block. Materialised blocks of at most ``_BLOCK`` entries (1 MiB, keys-major, reused)
+take the exponential, the dominant cost, once per pair: their logits are the exact
+log-kernels -|z - c|^2 / (2 var) <= 0 (no running maximum, no rescaling; held in base 2
+for exp2, the cheaper exponential, see :mod:`.common`), clamped at a floor above
 the subnormal range (rows of tiny mass are recomputed relative to their maximum), and a
 transposed sum of step 6 takes one pass instead of a log-partition pass plus a sum pass.
 On CPU, where they are faster (``python -m fluxbench.bench``: the transition sums at
@@ -66,6 +67,7 @@ number of rows in every group, group after group), so no gather or scatter is ne
 from fluxbench._pairwise.attention import use_attention
 from fluxbench._pairwise.chunked import chunk_bounds, chunked_pairwise_matmul, chunked_pairwise_sum
 from fluxbench._pairwise.common import (
+    LOG2E,
     MAX_BLOCK_ENTRIES,
     block_rows,
     no_autocast,
@@ -85,6 +87,7 @@ __all__ = [
     "sq_dists_difference",
     "block_rows",
     "MAX_BLOCK_ENTRIES",
+    "LOG2E",
     "squared_distances",
     "rbf_kernel",
     "median_bandwidth",

@@ -3,7 +3,8 @@
 Coordinates are centred; logits take the expanded form z.x / var - |x|^2 / (2 var) (one
 matrix product) while its rounding bound holds, else the difference form; weights are
 exp(logit - row max) floored at e^-80, and every sum is divided by its row mass after the
-product. :func:`block_moments` gives s_hat, C (f - 2 s_hat) and the contracted third
+product (logits in base 2, exponentiated by exp2: see ``fluxbench._pairwise.common``).
+:func:`block_moments` gives s_hat, C (f - 2 s_hat) and the contracted third
 central moment from one weight block (the moments of SPEC eq. (5)'s derivatives, see
 :mod:`fluxbench.objectives.batch_score`); :func:`dense_transition` the transition sums.
 """
@@ -15,8 +16,8 @@ import functools
 import torch
 from torch import Tensor
 
-from .._pairwise import sq_dists_difference, working_dtype
-from .._pairwise.blocks import product_dtype, shifted_exp
+from .._pairwise import LOG2E, sq_dists_difference, working_dtype
+from .._pairwise.blocks import product_dtype, shifted_exp2
 from .batch_kernel import BatchKernel, gradient_terms, kernel_method
 
 __all__ = ["DenseBatchKernel", "BlockKeys", "block_moments", "dense_transition", "LOGIT_FLOOR"]
@@ -57,10 +58,10 @@ def dense_transition(
         if expanded:
             logits = keys.logits(y[b] - centre)
         else:
-            logits = sq_dists_difference(y[b], mu).mul_(-0.5 / v)
+            logits = sq_dists_difference(y[b], mu).mul_(-0.5 * LOG2E / v)
             if anchor_bias is not None:
-                logits += anchor_bias
-        w = shifted_exp(logits, -LOGIT_FLOOR)
+                logits.add_(anchor_bias, alpha=LOG2E)
+        w = shifted_exp2(logits, -LOGIT_FLOOR)
         out_t.addmm_((g[b] / w.sum(1, keepdim=True)).T, w)
     return out_t.T
 
@@ -69,17 +70,21 @@ class BlockKeys:
     """Keys (M, d) of a materialised block in the layouts its products need, each built
     once (the sums' layouts on first use: the transition block needs only the logits).
 
-    Sums stay (n, M) x (M, d + 1): the transposed (d + 1, M) x (M, n) is 2-3x faster on
-    CPU, but its rounding depends on n, and a query's value must not depend on how the
-    queries are chunked.
+    Sums are taken transposed, (d + 1, M) x (M, n): BLAS libraries serve a product with
+    a handful of output columns poorly (MKL on an AMD EPYC: (256, 256) x (256, 3) takes
+    52 us, the transposed product 10 us), and the moment block, two such sums, takes
+    19 us instead of 106. The reduction order over M may then change with n, so a
+    query's value moves with the chunking within rounding (the bound the chunking tests
+    state), never more.
     """
 
     def __init__(self, x: Tensor, var: float, bias: Tensor | None = None):
         self.x = x
         if bias is None:  # else given: -|x|^2 / (2 var) already computed, possibly plus a key bias
             bias = x.square().sum(1).mul_(-0.5 / var)
-        # (d + 1, M) [x / var; bias]: logits of queries [z, 1] in one product
-        self.logit_t = torch.cat([x.T / var, bias[None]])
+        # x / var and the bias in base 2: logits of queries z in one addmm
+        self.scaled_t = x.T.mul(LOG2E / var)  # (d, M)
+        self.bias2 = bias.mul(LOG2E)  # (M,)
 
     @functools.cached_property
     def t(self) -> Tensor:
@@ -87,17 +92,18 @@ class BlockKeys:
         return self.x.T.contiguous()
 
     @functools.cached_property
-    def with_mass(self) -> Tensor:
-        """(M, d + 1) [x, 1]."""
-        return _with_ones(self.x)
+    def with_mass_t(self) -> Tensor:
+        """(d + 1, M) [x, 1] transposed, contiguous."""
+        return _with_ones(self.x).T.contiguous()
 
     def logits(self, z: Tensor) -> Tensor:
-        """(n, M) z.x / var + bias (by default -|x|^2 / (2 var)) for queries z (n, d) (expanded form)."""
-        return torch.mm(_with_ones(z), self.logit_t)
+        """(n, M) (z.x / var + bias) LOG2E (by default bias = -|x|^2 / (2 var)) for queries z (n, d):
+        the expanded-form logits in base 2."""
+        return torch.addmm(self.bias2, z, self.scaled_t)
 
     def sums(self, w: Tensor) -> Tensor:
-        """(..., d + 1) sum_j w_j [x_j, 1] for weights w (..., M)."""
-        return w @ self.with_mass
+        """(..., d + 1) sum_j w_j [x_j, 1] for weights w (..., M) (a transposed view)."""
+        return torch.matmul(self.with_mass_t, w.mT).mT
 
 
 def block_moments(
@@ -154,8 +160,8 @@ class DenseBatchKernel(BatchKernel):
     def _weights(self, z: Tensor) -> Tensor:
         """(n, B) unnormalised weights for centred queries z (n, d)."""
         if product_dtype(z, self.var) == z.dtype:
-            return shifted_exp(self.keys.logits(z), -LOGIT_FLOOR)
-        return shifted_exp(sq_dists_difference(z, self.keys.x).mul_(-0.5 / self.var), -LOGIT_FLOOR)
+            return shifted_exp2(self.keys.logits(z), -LOGIT_FLOOR)
+        return shifted_exp2(sq_dists_difference(z, self.keys.x).mul_(-0.5 * LOG2E / self.var), -LOGIT_FLOOR)
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):

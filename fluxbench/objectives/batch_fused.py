@@ -1,6 +1,6 @@
 """The fused backend of the batch kernel: pairwise sums in local frames, nothing B x B stored.
 
-The sums of :mod:`fluxbench._pairwise` (fused attention kernels, or on CPU 4 MiB
+The sums of :mod:`fluxbench._pairwise` (fused attention kernels, or on CPU 1 MiB
 materialised blocks where those are faster) in local frames of the batch. Up to
 :data:`MOMENT_MAX_DIM` dimensions the moments of the posterior weights come from one pass
 with polynomial features of the local coordinates (degree <= 3); above it from
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._pairwise import Frames, KeyFrame, block_rows, kernel_mean, kernel_transition_sum, working_dtype
-from .._pairwise.blocks import shifted_exp
+from .._pairwise.blocks import shifted_exp2
 from .._pairwise.sums import without_dropped
 from . import batch_kernel
 from .batch_dense import LOGIT_FLOOR, BlockKeys, block_moments, dense_transition
@@ -165,7 +165,7 @@ class FusedBatchKernel(BatchKernel):
             for r0 in range(gi * per, (gi + 1) * per, step):
                 rows = slice(r0, min(r0 + step, (gi + 1) * per))
                 yc = y[rows] - frames.centres[gi].to(y.dtype)
-                w = shifted_exp(keys.logits(yc), -LOGIT_FLOOR)
+                w = shifted_exp2(keys.logits(yc), -LOGIT_FLOOR)
                 s[rows], cw[rows], third[rows] = block_moments(w, keys, yc, f[rows], None if eps is None else eps[rows], var)
         return s, cw, third
 

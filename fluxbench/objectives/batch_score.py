@@ -21,7 +21,7 @@ sums of SPEC step 6). Two interchangeable implementations:
   per pass for small batches: the fewest tensor operations. The default for small
   batches on CPU (``make_batch_kernel``).
 * :class:`FusedBatchKernel`: the pairwise sums of ``fluxbench._pairwise`` in local
-  frames: fused attention kernels, or on CPU 4 MiB materialised blocks where those are
+  frames: fused attention kernels, or on CPU 1 MiB materialised blocks where those are
   faster; nothing B x B is stored. The default otherwise.
 
 Both work on rows in a *working order* (``kernel.rows`` / ``kernel.restore``): the fused

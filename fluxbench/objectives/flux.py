@@ -26,8 +26,8 @@ What differs from the published code, all without changing the estimator's expec
   Tanh: a forward pass carrying the probe's tangent and one reverse pass, no double
   backward), else from autograd;
 * every B x B sum runs chunked in float32 or better, in fused attention kernels (on CUDA
-  for small d a Triton kernel, forward and backward) or (on CPU) 256 KiB blocks with one
-  exponential per pair, the transition sums of step 6 in a single pass
+  for small d a Triton kernel, forward and backward) or (on CPU) 1 MiB blocks with one
+  exponential per pair (exp2 of base-2 log-kernels), the transition sums of step 6 in a single pass
   (``fluxbench.pairwise``); no pass holds more than a (chunk, B) block, so memory grows
   like B, not B^2;
 * steps 1-6 are never differentiated and run in inference mode, without autograd's
