@@ -10,8 +10,8 @@ chain (``flux``, the reference estimator) and with a quarter of the chains rewei
 (``flux_B/4``, ``chains=B/4``: the same expectation, more variance), plain DSM (``dsm``,
 the baseline of the ratios) and DSM with the batch-posterior target (``dsm_batch``). The steps are interleaved (FM, DSM, FM, ...)
 so the ratios compare like with like on a shared, noisy machine; each time is the
-median over ``repeats`` steps after ``warmup`` steps (device-synchronised on
-accelerators). ``benchmarks/`` (asv) reuses :func:`step_functions`.
+median over at least ``--repeats`` rounds and at least ``--min-time`` seconds of them,
+after ``warmup`` steps (device-synchronised on accelerators). ``benchmarks/`` (asv) reuses :func:`step_functions`.
 
 Also printed: the published loss's step (``--published FILE:FUNCTION``, a user's checkout
 of Pao-Huang et al.'s ``src/loss.py``, called as ``FUNCTION(model, x, sigma**2)``; it
@@ -155,21 +155,37 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_steps(
-    steps: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 3, device: str | torch.device = "cpu"
+    steps: dict[str, Callable[[], None]],
+    *,
+    repeats: int,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    min_time: float = 0.0,
+    max_repeats: int | None = None,
 ) -> dict[str, float]:
-    """Median seconds per step for each closure, measured interleaved (device-synchronised)."""
+    """Median seconds per step for each closure, measured interleaved (device-synchronised).
+
+    At least ``repeats`` rounds (one call of every closure each), then more until the
+    measured rounds took ``min_time`` seconds in all, up to ``max_repeats`` rounds (default
+    20 x ``repeats``): timeit's autorange idea, so that millisecond steps get as many
+    samples as their medians need.
+    """
     device = torch.device(device)
+    cap = max(repeats, 20 * repeats if max_repeats is None else max_repeats)
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    spent, rounds = 0.0, 0
+    while rounds < repeats or (spent < min_time and rounds < cap):
         for name, fn in steps.items():
             _synchronize(device)
             t0 = time.perf_counter()
             fn()
             _synchronize(device)
             samples[name].append(time.perf_counter() - t0)
+            spent += samples[name][-1]
+        rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -201,7 +217,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--dim", type=int, nargs="+", default=[2, 64, 784])
     parser.add_argument("--table", choices=sorted(TABLES), default=None, help="a preset of (B, d) rows instead of --batch x --dim")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="at least this many interleaved rounds (default 15)")
+    parser.add_argument(
+        "--min-time", type=float, default=2.0,
+        help="and more rounds until they took this many seconds in all, up to 20x --repeats (default 2): at "
+        "B = 256 the median of 15 rounds moved by 6%% between runs on a shared 2-core CPU, of 100 by 2%%",
+    )  # fmt: skip
     parser.add_argument("--sigma", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     for batch, dim in shapes:
         repeats = max(3, args.repeats // (4 if batch * dim > 1_000_000 else 1))
         steps = step_functions(batch, dim, sigma=args.sigma, device=device, compile=args.compile, published=published)
-        t = time_steps(steps, repeats=repeats, device=device)
+        t = time_steps(steps, repeats=repeats, device=device, min_time=args.min_time)
         pub = t.get("published", math.nan)
         rows.append(
             {

@@ -47,6 +47,18 @@ def test_time_steps_reports_a_median_per_closure():
     assert calls == {"a": 7, "b": 7}
 
 
+def test_time_steps_adds_rounds_until_min_time_up_to_its_cap():
+    """min_time extends the rounds beyond ``repeats`` (here never reached, so the cap
+    decides: 4 rounds); without it exactly ``repeats`` rounds run."""
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    time_steps(steps, repeats=2, warmup=1, min_time=1e6, max_repeats=4)
+    assert len(calls) == 2 * (1 + 4)
+    calls.clear()
+    time_steps(steps, repeats=2, warmup=1)
+    assert len(calls) == 2 * (1 + 2)
+
+
 def test_ab_tool_times_both_revisions_in_one_process(capsys):
     tool = load_tool("bench_ab")
     reason = tool.missing_precondition()
