@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from fluxbench._pairwise.common import LOG2E, sq_dists_difference
+from fluxbench._pairwise.common import LOG2E, log2_kernel_difference
 from fluxbench._pairwise.compiled import block_sums, compiled_on
 from fluxbench._pairwise.frames import KeyFrame
 
@@ -151,7 +151,7 @@ class BlockKernel:
             return _block_buffer(out.numel(), self.q.dtype, qa.device, slot=1).view(shape).copy_(out)
         q = _sub_blocks(self.q[gs, rs])
         k = self.kf.k[gs].expand(q.shape[0], -1, -1)
-        return sq_dists_difference(k, q, max_sum_dim=0).mul_(-0.5 * LOG2E / self.var)
+        return log2_kernel_difference(k, q, self.var, max_sum_dim=0)
 
     def weights(self, gs: slice, rs: slice) -> Tensor:
         """(n, M, c) kernel entries, exp(max(log-kernel, floor)); valid for every query whose
@@ -251,12 +251,12 @@ def blocks_transpose_sum(kern: BlockKernel, values: Tensor, chunk_size: int | No
         for gs, rs in blocks:
             w = kern.block(gs, rs, low)  # (n, M, c)
             s = kern.mass(w)  # (n, c), row-major in the block's rows
-            rows = masses[gs, rs]
             if low is None:
+                rows = masses[gs, rs]
                 rows.copy_(s.view(rows.shape))
             # contiguous (n, e, c): MKL takes 2.5x longer with both operands transposed
             coef = (values[gs, rs].reshape(*s.shape, e) / s[..., None]).transpose(1, 2).contiguous()
-            if w.shape[0] == 1:
+            if w.shape[0] == 1:  # accumulated in place, without an (n, e, M) temporary
                 out.addmm_(coef[0], w[0].T)  # (e, c) x (c, M)
             else:
                 out += torch.bmm(coef, w.transpose(1, 2)).sum(0)

@@ -8,7 +8,8 @@ two ways to compute squared distances (named for their numerics).
   loses relative accuracy far from the origin: centre the points first).
 * :func:`sq_dists_difference`: ``sum_k (a_ik - b_jk)^2`` (no cancellation; for narrow
   kernels and points far from the origin).
-* ``LOG2E``: materialised blocks hold base-2 log-kernels and exponentiate with exp2.
+* ``LOG2E``: materialised blocks hold base-2 log-kernels and exponentiate with exp2;
+  :func:`log2_kernel_difference` is such a log-kernel from difference-form distances.
 * :func:`block_rows`: how many query rows one block of an N x M computation may hold, so
   that memory grows like N + M (at most ``MAX_BLOCK_ENTRIES`` entries per block), never
   like N x M.
@@ -29,6 +30,7 @@ __all__ = [
     "block_rows",
     "MAX_BLOCK_ENTRIES",
     "LOG2E",
+    "log2_kernel_difference",
 ]
 
 # log2(e). Materialised blocks carry their log-kernels in base 2 (the scale folded into
@@ -92,6 +94,12 @@ def sq_dists_difference(a: Tensor, b: Tensor, *, max_sum_dim: int = 4) -> Tensor
     for k in range(1, a.shape[1]):
         out.add_((a[:, k : k + 1] - b[:, k]).square_())
     return out
+
+
+def log2_kernel_difference(a: Tensor, b: Tensor, var: float, *, max_sum_dim: int = 4) -> Tensor:
+    """Base-2 log-kernels -|a_i - b_j|^2 / (2 var) * LOG2E from :func:`sq_dists_difference`
+    (same shapes and ``max_sum_dim``); no checks."""
+    return sq_dists_difference(a, b, max_sum_dim=max_sum_dim).mul_(-0.5 * LOG2E / var)
 
 
 def block_rows(cols: int, chunk_size: int | None = None) -> int:

@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._pairwise import LOG2E, sq_dists_difference, working_dtype
+from .._pairwise import LOG2E, log2_kernel_difference, sq_dists_difference, working_dtype
 from .._pairwise.blocks import product_dtype, shifted_exp2
 from .batch_kernel import BatchKernel, gradient_terms, kernel_method
 
@@ -58,7 +58,7 @@ def dense_transition(
         if expanded:
             logits = keys.logits(y[b] - centre)
         else:
-            logits = sq_dists_difference(y[b], mu).mul_(-0.5 * LOG2E / v)
+            logits = log2_kernel_difference(y[b], mu, v)
             if anchor_bias is not None:
                 logits.add_(anchor_bias, alpha=LOG2E)
         w = shifted_exp2(logits, -LOGIT_FLOOR)
@@ -161,7 +161,7 @@ class DenseBatchKernel(BatchKernel):
         """(n, B) unnormalised weights for centred queries z (n, d)."""
         if product_dtype(z, self.var) == z.dtype:
             return shifted_exp2(self.keys.logits(z), -LOGIT_FLOOR)
-        return shifted_exp2(sq_dists_difference(z, self.keys.x).mul_(-0.5 * LOG2E / self.var), -LOGIT_FLOOR)
+        return shifted_exp2(log2_kernel_difference(z, self.keys.x, self.var), -LOGIT_FLOOR)
 
     def _blocks(self, n: int):
         for start in range(0, n, self.chunk):
